@@ -1,0 +1,102 @@
+"""Entry point of the ``mnemo`` command.
+
+Each subcommand is a plugin: an entry point in the ``mnemosyne.cli.commands`` group whose
+object is ``register(subparsers) -> None``. ``register`` adds one sub-parser and sets its
+``func`` default to a callable ``func(args) -> int`` (the exit code). A plugin whose
+package is broken is reported, not fatal: the other commands keep working.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, entry_points, version
+
+from mnemosyne.core.env import MNEMOSYNE_LOG_LEVEL
+from mnemosyne.core.errors import MnemosyneError
+
+__all__ = ["COMMANDS_ENTRY_POINT", "COMPONENTS", "build_parser", "installed_components", "main"]
+
+#: Entry-point group of ``mnemo`` subcommands.
+COMMANDS_ENTRY_POINT = "mnemosyne.cli.commands"
+
+#: Every distribution of the project, in dependency order.
+COMPONENTS = ("mnemosyne-core", "mnemosyne-ccl", "mnemosyne-proxy", "mnemosyne-jit", "mnemosyne-cli", "mnemosyne")
+
+logger = logging.getLogger(__name__)
+
+
+def installed_components() -> dict[str, str | None]:
+    """Version of each Mnemosyne distribution, None when not installed."""
+    out: dict[str, str | None] = {}
+    for dist in COMPONENTS:
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+class _VersionAction(argparse.Action):
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print every installed component and its version")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object, **kwargs: object) -> None:
+        for dist, ver in installed_components().items():
+            if ver is not None:
+                print(f"{dist} {ver}")
+        parser.exit(0)
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
+    """Build the parser from every installed command plugin.
+
+    Returns:
+        The parser and, per plugin that failed to load, the reason.
+    """
+    parser = argparse.ArgumentParser(
+        prog="mnemo", description="Mnemosyne: just-in-time failure recovery for distributed PyTorch training."
+    )
+    parser.add_argument("--version", action=_VersionAction)
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    broken: dict[str, str] = {}
+    for ep in sorted(entry_points(group=COMMANDS_ENTRY_POINT), key=lambda e: e.name):
+        try:
+            register = ep.load()
+            register(sub)
+        except Exception as exc:  # a broken plugin must not take the whole CLI down
+            broken[ep.name] = f"{type(exc).__name__}: {exc}"
+    return parser, broken
+
+
+def _configure_logging(verbose: int) -> None:
+    level = os.environ.get(MNEMOSYNE_LOG_LEVEL) or ("DEBUG" if verbose > 1 else "INFO" if verbose else "WARNING")
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``mnemo``; return the exit code."""
+    parser, broken = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose)
+    for name, why in broken.items():
+        logger.warning("command plugin %r could not be loaded: %s", name, why)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        rc = args.func(args)
+    except MnemosyneError as exc:
+        print(f"mnemo {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
