@@ -158,7 +158,12 @@ class CommBackend(ABC):
 
     @abstractmethod
     def join(self, store: Store, rank: int, *, epoch: int, timeout: float = 30.0) -> Communicator:
-        """Join, as logical ``rank``, a group that survivors are growing to ``epoch``."""
+        """Join, as logical ``rank``, a group that survivors are growing to ``epoch``.
+
+        ``epoch`` is the epoch of the grown communicator (the survivors' current epoch
+        + 1); the caller learns it through its own control plane. The member list is
+        published in ``store`` by the survivors' :meth:`Communicator.grow`.
+        """
 
     @classmethod
     def capabilities(cls) -> dict[str, bool]:
