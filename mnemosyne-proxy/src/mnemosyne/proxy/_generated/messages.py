@@ -874,6 +874,7 @@ class RecSnapshot:
     KIND: ClassVar[str] = "record"
     status: StatusReply = field(default_factory=StatusReply)
     next_handle: int = 0
+    capacities: list[int] = field(default_factory=list)
     bases: list[int] = field(default_factory=list)
     entries: list[Entry] = field(default_factory=list)
 
@@ -881,6 +882,7 @@ class RecSnapshot:
         """Append this value's encoding."""
         self.status.encode_into(out)
         out += _S_Q.pack(self.next_handle)
+        _put_scalars(out, "Q", self.capacities)
         _put_scalars(out, "Q", self.bases)
         _put_count(out, len(self.entries))
         for item in self.entries:
@@ -892,13 +894,14 @@ class RecSnapshot:
         status, pos = StatusReply.decode_from(buf, pos)
         (next_handle,) = _S_Q.unpack_from(buf, pos)
         pos += _S_Q.size
+        capacities, pos = _get_scalars(buf, pos, "Q")
         bases, pos = _get_scalars(buf, pos, "Q")
         count, pos = _get_count(buf, pos)
         entries: list[Entry] = []
         for _ in range(count):
             item, pos = Entry.decode_from(buf, pos)
             entries.append(item)
-        return cls(status, next_handle, bases, entries), pos
+        return cls(status, next_handle, capacities, bases, entries), pos
 
 
 Message = Ok | Error | Welcome | MapReply | AllocateReply | StatusReply | TableReply | ChecksumReply | ReadReply | PullReply | Hello | Map | SetBase | Allocate | Free | Name | Table | BeginUpdate | Commit | Status | Checksum | Read | Pull | Shutdown | RecOpen | RecBase | RecAlloc | RecFree | RecName | RecBegin | RecCommit | RecRestore | RecSnapshot
