@@ -421,36 +421,38 @@ def gen_stubs(spec: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def render(spec_path: Path = SPEC) -> dict[Path, str]:
+def render(spec_path: Path = SPEC, out: Path = OUT) -> dict[Path, str]:
     spec = load_spec(spec_path)
     return {
-        OUT / "__init__.py": HEADER + '"""Generated proxy protocol modules; see the spec named above."""\n',
-        OUT / "messages.py": gen_messages(spec),
-        OUT / "stubs.py": gen_stubs(spec),
+        out / "__init__.py": HEADER + '"""Generated proxy protocol modules; see the spec named above."""\n',
+        out / "messages.py": gen_messages(spec),
+        out / "stubs.py": gen_stubs(spec),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="fail when the committed files differ")
+    parser.add_argument("--spec", type=Path, default=SPEC, help=argparse.SUPPRESS)  # tests point these elsewhere
+    parser.add_argument("--out", type=Path, default=OUT, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
-        files = render()
+        files = render(args.spec, args.out)
     except (SpecError, tomllib.TOMLDecodeError, KeyError) as exc:
-        print(f"{SPEC_REL}: invalid spec: {exc}", file=sys.stderr)
+        print(f"{args.spec}: invalid spec: {exc}", file=sys.stderr)
         return 2
     stale = [p for p, text in files.items() if not p.is_file() or p.read_text() != text]
     if args.check:
         if stale:
-            names = ", ".join(p.relative_to(ROOT).as_posix() for p in stale)
+            names = ", ".join(p.name for p in stale)
             print(f"generated proxy protocol is out of date ({names}); run: python {GEN_REL}", file=sys.stderr)
             return 1
         print("proxy protocol: generated modules are up to date")
         return 0
-    OUT.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     for path in stale:
         path.write_text(files[path])
-        print(f"wrote {path.relative_to(ROOT).as_posix()}")
+        print(f"wrote {path}")
     return 0
 
 

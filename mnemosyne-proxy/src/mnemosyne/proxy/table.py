@@ -266,6 +266,7 @@ class HandleTable:
             raise CorruptStateError(msg)
         self._st = _Status(_STATUS_BY_CODE[s.status], s.step, s.update_step, s.reason)
         self.generation = s.generation
+        self.seq = s.seq
         if len(rec.bases) != len(rec.capacities):
             msg = f"snapshot has {len(rec.capacities)} capacities but {len(rec.bases)} base addresses"
             raise CorruptStateError(msg)
