@@ -45,7 +45,7 @@ def test_replay_rebuilds_the_same_table(tmp_path):
     j = Journal(tmp_path / "log")
     j.open()
     t = HandleTable([])
-    e1, e2 = _build(t, j)
+    _, e2 = _build(t, j)
     j.close()
     r = _replay(tmp_path / "log")
     assert r.entries == t.entries and r.by_name == t.by_name

@@ -118,7 +118,8 @@ def test_generator_check_fails_on_a_stale_file(tmp_path):
     res = subprocess.run([sys.executable, str(GEN), "--check", "--out", str(out)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     spec = tmp_path / "protocol.toml"
-    spec.write_text((ROOT / "mnemosyne-proxy/spec/protocol.toml").read_text().replace('["pid", "u32"]', '["pid", "u64"]'))
+    text = (ROOT / "mnemosyne-proxy/spec/protocol.toml").read_text()
+    spec.write_text(text.replace('["pid", "u32"]', '["pid", "u64"]'))
     res = subprocess.run([sys.executable, str(GEN), "--check", "--spec", str(spec), "--out", str(out)],
                          capture_output=True, text=True)
     assert res.returncode == 1

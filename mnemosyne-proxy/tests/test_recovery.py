@@ -48,7 +48,7 @@ def _assert_equal(a_path, b_path):
 @pytest.fixture(scope="module")
 def fault_free(tmp_path_factory):
     out = tmp_path_factory.mktemp("baseline") / "plain.pt"
-    res, ev = _run(out)
+    res, _ = _run(out)
     assert res.returncode == 0, res.stderr
     return out
 
@@ -120,7 +120,7 @@ def test_proxy_killed_under_the_trainer_is_a_clear_error_then_recovered(tmp_path
             assert mark.exists(), trainer.communicate(timeout=5)
             pa.kill()  # the proxy dies while the trainer is inside step 3
             mark.with_name("mark.go").write_text("")
-            out, err = trainer.communicate(timeout=60)
+            _, err = trainer.communicate(timeout=60)
         finally:
             if trainer.poll() is None:
                 trainer.kill()

@@ -1,5 +1,6 @@
 """A real proxy process: authentication, malformed input, roles, restarts, death."""
 
+import contextlib
 import os
 import socket
 import stat
@@ -7,7 +8,7 @@ import struct
 
 import pytest
 
-from mnemosyne.core.errors import AuthError, ProtocolError, StateError
+from mnemosyne.core.errors import AuthError, StateError
 from mnemosyne.core.state import CommitStatus
 from mnemosyne.proxy._generated import messages as m
 from mnemosyne.proxy.client import ProxyClient
@@ -54,10 +55,8 @@ def _read_reply(s):
 
 def _assert_closed(s):
     # unread garbage in the proxy's buffer turns its close into a reset: both mean "hung up"
-    try:
+    with contextlib.suppress(ConnectionResetError):
         assert s.recv(1) == b""
-    except ConnectionResetError:
-        pass
 
 
 def _assert_still_serves(p):
@@ -81,13 +80,15 @@ def test_wrong_token_job_and_role_are_rejected(proxy):
     with pytest.raises(AuthError, match="only peers may connect over TCP"):
         ProxyClient(proxy.peer_address, token="secret", job="job", role="trainer")
     # a peer that tries to write is refused and hung up on
-    with ProxyClient(proxy.peer_address, token="secret", job="job", role="peer") as peer:
-        assert peer.status().status == STATUS_CODES[CommitStatus.EMPTY]
-        with pytest.raises(AuthError, match="a peer connection may not send Allocate"):
-            peer.allocate("model/x", 0, "float32", [1], 4)
-    with ProxyClient(proxy.socket, token="secret", job="job", role="peer") as peer:
-        with pytest.raises(AuthError, match="may not send BeginUpdate"):
-            peer.begin_update(3)
+    peer = ProxyClient(proxy.peer_address, token="secret", job="job", role="peer")
+    assert peer.status().status == STATUS_CODES[CommitStatus.EMPTY]
+    with pytest.raises(AuthError, match="a peer connection may not send Allocate"):
+        peer.allocate("model/x", 0, "float32", [1], 4)
+    peer.close()
+    peer = ProxyClient(proxy.socket, token="secret", job="job", role="peer")
+    with pytest.raises(AuthError, match="may not send BeginUpdate"):
+        peer.begin_update(3)
+    peer.close()
     _assert_still_serves(proxy)
 
 
@@ -177,7 +178,7 @@ def test_a_dead_proxy_is_a_clear_error_to_its_client(tmp_path):
     c = ProxyClient(p.socket, token="secret", job="job")
     c.begin_update(0)
     p.kill()
-    with pytest.raises(ProxyUnavailableError, match="is gone .* while Commit was outstanding"):
+    with pytest.raises(ProxyUnavailableError, match=r"is gone .* while Commit was outstanding"):
         c.commit(0)
     c.close()
 

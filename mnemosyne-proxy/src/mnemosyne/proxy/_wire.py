@@ -82,9 +82,8 @@ def recv_frame(sock: socket.socket, want_fds: bool = False) -> tuple[Message, in
 
 
 def _close_quietly(fd: int) -> None:
+    import contextlib
     import os
 
-    try:
+    with contextlib.suppress(OSError):
         os.close(fd)
-    except OSError:
-        pass

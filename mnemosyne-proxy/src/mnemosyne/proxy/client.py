@@ -94,7 +94,7 @@ class ProxyClient(ClientStub):
             try:
                 if self.is_unix:
                     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                    target: object = self.address
+                    target: str | tuple[str, int] = self.address
                 else:
                     host, _, port = self.address[4:].rpartition(":")
                     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)

@@ -1,5 +1,7 @@
-"""The trainer side: :class:`ProxyStateHolder`, a :class:`~mnemosyne.core.state.StateHolder`
-over a device proxy (imports torch when used, not when :mod:`mnemosyne.proxy` is imported).
+"""The trainer side: :class:`ProxyStateHolder`, a StateHolder over a device proxy.
+
+It implements :class:`~mnemosyne.core.state.StateHolder` and imports torch when used, not
+when :mod:`mnemosyne.proxy` is imported.
 
 ``attach()`` maps the proxy's memory (host: the memory file at the address the previous
 trainer used; cuda: the VMM allocation at the reserved virtual address) and returns every

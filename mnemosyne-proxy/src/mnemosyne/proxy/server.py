@@ -14,6 +14,7 @@ write) and applying it to the table, then replying (see
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import os
@@ -71,7 +72,7 @@ from mnemosyne.proxy.errors import ProxyError, error_code
 from mnemosyne.proxy.journal import Journal
 from mnemosyne.proxy.table import HandleTable
 
-__all__ = ["COMPACT_EVERY", "ProxyServer", "ROLES"]
+__all__ = ["COMPACT_EVERY", "ROLES", "ProxyServer"]
 
 logger = logging.getLogger(__name__)
 
@@ -297,10 +298,8 @@ class ProxyServer(ServerDispatch):
             raise AuthError(msg)
 
     def _reply_error(self, conn: _Conn, rid: int, exc: BaseException) -> None:
-        try:
+        with contextlib.suppress(PeerClosed, OSError):
             send_frame(conn.sock, Error(error_code(exc), str(exc)), rid)
-        except (PeerClosed, OSError):
-            pass
 
     # ---- the log -------------------------------------------------------------------------
     def append_record(self, record: Message) -> None:

@@ -95,7 +95,7 @@ class HostArena(Arena):
         return HostPeerMapping(fds[0], spaces[0].capacity)
 
     def copy_from_peer(self, peer: PeerMapping, space: int, src_offset: int, dst_offset: int, nbytes: int) -> None:
-        """memcpy from the peer's mapping."""
+        """Memcpy from the peer's mapping."""
         assert isinstance(peer, HostPeerMapping)
         self._check(space, dst_offset, nbytes)
         self.view[dst_offset : dst_offset + nbytes] = peer.view[src_offset : src_offset + nbytes]

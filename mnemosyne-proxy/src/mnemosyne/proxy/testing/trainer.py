@@ -1,5 +1,6 @@
-"""A small deterministic trainer (MLP + Adam on generated data) that keeps its state in a
-device proxy, for the recovery tests. Run as a process::
+"""A small deterministic trainer (MLP + Adam on generated data) that keeps its state in a proxy.
+
+For the recovery tests. Run as a process::
 
     python -m mnemosyne.proxy.testing.trainer --socket S --steps 8 --out final.pt [--peer ADDR]
 
