@@ -199,3 +199,45 @@ def test_network_read_and_checksum(proxy):
 
 def test_frame_header_struct_is_16_bytes():
     assert m.FRAME.size == 16 == struct.calcsize("<4sHHII")
+
+
+class _Gate:
+    """Stands in for a CUDA event: synchronize() blocks until the test opens the gate."""
+
+    def __init__(self):
+        import threading
+
+        self.open = threading.Event()
+
+    def synchronize(self):
+        assert self.open.wait(20)
+
+
+def test_committer_logs_a_commit_only_after_the_device_finished(proxy):
+    import threading
+
+    from mnemosyne.proxy.holder import Committer
+
+    with _client(proxy) as c:
+        committer = Committer(c.commit)
+        c.begin_update(1)
+        gate = _Gate()
+        committer.submit(1, gate)
+        with _client(proxy) as observer:
+            # the update's kernels are still running: the proxy must not see the commit yet
+            assert observer.status().status == STATUS_CODES[CommitStatus.TORN]
+            waiter = threading.Thread(target=committer.wait)
+            waiter.start()
+            waiter.join(0.2)
+            assert waiter.is_alive()  # the next begin_update would wait here
+            gate.open.set()
+            waiter.join(10)
+            st = observer.status()
+            assert (st.status, st.step) == (STATUS_CODES[CommitStatus.COMMITTED], 1)
+        # a failed commit is raised by the next call
+        done = _Gate()
+        done.open.set()
+        committer.submit(5, done)  # no begin_update(5): the proxy refuses
+        with pytest.raises(StateError, match="without a matching begin_update"):
+            committer.wait()
+        committer.close()

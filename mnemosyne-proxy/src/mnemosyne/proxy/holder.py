@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import math
+import queue
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +26,7 @@ from mnemosyne.proxy._generated.messages import Entry, PullReply, Space
 from mnemosyne.proxy.client import ProxyClient
 from mnemosyne.proxy.table import STATUS_CODES
 
-__all__ = ["MappedSpace", "ProxyAttachResult", "ProxyStateHolder", "torch_dtype"]
+__all__ = ["Committer", "MappedSpace", "ProxyAttachResult", "ProxyStateHolder", "torch_dtype"]
 
 logger = logging.getLogger(__name__)
 _STATUS = {v: k for k, v in STATUS_CODES.items()}
@@ -68,6 +70,64 @@ class MappedSpace:
     unmap: Any
 
 
+class Committer:
+    """Sends ``commit(step)`` once the device has finished the step's update.
+
+    On a GPU, ``optimizer.step()`` returns when its kernels are queued, not done; logging the
+    commit then would let a crash leave a half-applied update marked as committed. The
+    committer records an event after the update and a thread sends the commit when the event
+    completes, so the trainer never waits for the GPU. ``begin_update`` of the next step first
+    waits for that commit (by then the GPU has usually long finished). A failure (a dead proxy)
+    is re-raised by the next call.
+
+    Args:
+        send: Sends the commit of one step (``ProxyClient.commit``).
+    """
+
+    def __init__(self, send: Any) -> None:
+        self._send = send
+        self._queue: queue.Queue[tuple[int, Any] | None] = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="mnemosyne-proxy-committer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                step, event = item
+                if self._error is None:
+                    event.synchronize()  # releases the GIL while the device finishes the update
+                    self._send(step)
+            except BaseException as exc:  # kept for the trainer's thread to raise
+                self._error = exc
+            finally:
+                self._queue.task_done()
+
+    def submit(self, step: int, event: Any) -> None:
+        """Commit ``step`` once ``event`` (anything with ``synchronize()``) has completed."""
+        self.raise_error()
+        self._queue.put((step, event))
+
+    def wait(self) -> None:
+        """Block until every submitted commit is sent; raise a failure it met."""
+        self._queue.join()
+        self.raise_error()
+
+    def raise_error(self) -> None:
+        """Raise the failure of an earlier commit, once."""
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def close(self) -> None:
+        """Stop the thread after pending commits."""
+        self._queue.put(None)
+        self._thread.join(timeout=60)
+
+
 class ProxyStateHolder:
     """Keeps this rank's tensors in a device proxy's arena.
 
@@ -86,6 +146,7 @@ class ProxyStateHolder:
         self._tensors: dict[str, Any] = {}
         self._meta: dict[str, TensorMeta] = {}
         self._handles: dict[str, int] = {}
+        self._committer: Committer | None = None
 
     # ---- StateHolder ---------------------------------------------------------------------
     def attach(self) -> ProxyAttachResult:
@@ -93,6 +154,8 @@ class ProxyStateHolder:
         t0 = time.perf_counter()
         if not self.spaces:
             self._map_all()
+            if any(m.space.kind == "cuda" for m in self.spaces):
+                self._committer = Committer(self.client.commit)
         same = all(m.address == m.space.base_hint or m.space.base_hint == 0 for m in self.spaces)
         for m in self.spaces:
             if m.address != m.space.base_hint:
@@ -133,14 +196,32 @@ class ProxyStateHolder:
 
     def begin_update(self, step: int) -> None:
         """Mark the start of step ``step``'s in-place update (one logged round trip)."""
+        self.flush()
         self.client.begin_update(step)
 
     def commit(self, step: int) -> None:
-        """Mark step ``step``'s update complete (one logged round trip)."""
-        self.client.commit(step)
+        """Mark step ``step``'s update complete (one logged round trip).
+
+        On a cuda arena the commit is sent by a thread once the device has finished the work
+        queued so far on the current stream (see :class:`Committer`); :meth:`flush` waits for it.
+        """
+        if self._committer is None:
+            self.client.commit(step)
+            return
+        import torch
+
+        event = torch.cuda.Event()
+        event.record()
+        self._committer.submit(step, event)
+
+    def flush(self) -> None:
+        """Wait until every commit is logged by the proxy."""
+        if self._committer is not None:
+            self._committer.wait()
 
     def status(self) -> tuple[CommitStatus, int, str]:
         """(status, last committed step, reason)."""
+        self.flush()
         st = self.client.status()
         return _STATUS[st.status], st.step, st.reason
 
@@ -150,6 +231,7 @@ class ProxyStateHolder:
         The tensors this holder returned are filled in place; tensors the peer has and this
         arena lacked are added.
         """
+        self.flush()
         with self.client.call_with_timeout(timeout):
             reply = self.client.pull(peer, token or "")
         for e in self.client.table().entries:
@@ -159,6 +241,10 @@ class ProxyStateHolder:
 
     def close(self) -> None:
         """Unmap and disconnect; the proxy keeps the memory. Tensors from this holder must not be used after."""
+        if self._committer is not None:
+            self.flush()
+            self._committer.close()
+            self._committer = None
         self._tensors.clear()
         for m in self.spaces:
             m.base = None

@@ -120,4 +120,5 @@ def pull_from_peer(server: ProxyServer, peer: str, token: str) -> PullReply:
     seconds = time.perf_counter() - t0
     logger.info("pulled step %d from %s: %d tensors, %d bytes, copy %.3f s, verified in %.3f s (%s)",
                 st.step, peer, len(pairs), total, copied, seconds - copied, path)
-    return PullReply(st.step, total, len(pairs), seconds, path)
+    path += f"; checksums: {arena.checksum_path}"
+    return PullReply(st.step, total, len(pairs), seconds, copied, path)

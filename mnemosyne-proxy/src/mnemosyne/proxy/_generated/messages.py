@@ -82,7 +82,7 @@ _S_QQI = struct.Struct("<QQI")
 _S_q = struct.Struct("<q")
 _S_qI = struct.Struct("<qI")
 _S_qQ = struct.Struct("<qQ")
-_S_qQId = struct.Struct("<qQId")
+_S_qQIdd = struct.Struct("<qQIdd")
 _S_qQQ = struct.Struct("<qQQ")
 _S_z = struct.Struct("<?")
 
@@ -377,20 +377,21 @@ class PullReply:
     nbytes: int = 0
     entries: int = 0
     seconds: float = 0.0
+    copy_seconds: float = 0.0
     path: str = ""
 
     def encode_into(self, out: bytearray) -> None:
         """Append this value's encoding."""
-        out += _S_qQId.pack(self.step, self.nbytes, self.entries, self.seconds)
+        out += _S_qQIdd.pack(self.step, self.nbytes, self.entries, self.seconds, self.copy_seconds)
         _put_str(out, self.path)
 
     @classmethod
     def decode_from(cls, buf: memoryview, pos: int) -> tuple[PullReply, int]:
         """Decode one value at ``pos``; return it and the position after it."""
-        (step, nbytes, entries, seconds,) = _S_qQId.unpack_from(buf, pos)
-        pos += _S_qQId.size
+        (step, nbytes, entries, seconds, copy_seconds,) = _S_qQIdd.unpack_from(buf, pos)
+        pos += _S_qQIdd.size
         path, pos = _get_str(buf, pos)
-        return cls(step, nbytes, entries, seconds, path), pos
+        return cls(step, nbytes, entries, seconds, copy_seconds, path), pos
 
 
 @dataclass

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from mnemosyne.core import plugins
+from mnemosyne.core.errors import ConfigError
 from mnemosyne.core.state import ARENAS_ENTRY_POINT
 
-__all__ = ["Arena", "PeerMapping", "SpaceInfo", "load_arena"]
+__all__ = ["BUILTIN", "Arena", "PeerMapping", "SpaceInfo", "load_arena"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,8 @@ class Arena(ABC):
 
     #: Backend name (the entry-point name).
     kind: str = ""
+    #: How :meth:`checksum` computes (reported with pulls), e.g. ``"numba njit (host)"``.
+    checksum_path: str = "numba njit (host)"
 
     def __init__(self, capacity: int, device: int = -1, host_capacity: int = 0) -> None:
         self.capacity = capacity
@@ -94,7 +97,20 @@ class Arena(ABC):
         """Release the memory (mapped clients keep their own references)."""
 
 
+#: The backends this package ships, usable even when it runs from a source tree without
+#: installed entry points (e.g. the GPU benchmark run from a checkout).
+BUILTIN = {"host": "mnemosyne.proxy.arena.host:HostArena", "cuda": "mnemosyne.proxy.arena.cuda:CudaArena"}
+
+
 def load_arena(name: str) -> type[Arena]:
     """The arena class registered as ``name`` (``host``, ``cuda``)."""
-    cls: Any = plugins.load(ARENAS_ENTRY_POINT, name)
+    try:
+        cls: Any = plugins.load(ARENAS_ENTRY_POINT, name)
+    except ConfigError:
+        if name not in BUILTIN:
+            raise
+        import importlib
+
+        module, _, attr = BUILTIN[name].partition(":")
+        cls = getattr(importlib.import_module(module), attr)
     return cls  # type: ignore[no-any-return]

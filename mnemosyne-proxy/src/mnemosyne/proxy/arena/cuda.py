@@ -18,6 +18,7 @@ Needs ``cuda-python`` (``cuda.bindings``) and ``numba-cuda``:
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -32,6 +33,8 @@ from mnemosyne.proxy.errors import ProxyError
 __all__ = ["CudaArena", "CudaPeerMapping", "cuda_checksum", "driver", "map_cuda_space"]
 
 _INSTALL = 'pip install "mnemosyne-proxy[cuda]"'
+
+logger = logging.getLogger(__name__)
 
 
 def driver() -> Any:
@@ -215,6 +218,7 @@ class CudaArena(Arena):
         self.handle = _check(drv.cuMemCreate(size, prop, 0), f"cuMemCreate({size} bytes on device {device})")
         self.ptr = _map(self.handle, size, device)
         self.host = HostArena(max(host_capacity, 4096))
+        self._kernel_ok = True
         _check(drv.cuMemsetD8(self.ptr, 0, size), "cuMemsetD8")  # fresh memory reads as zeros, like memfd
         _check(drv.cuCtxSynchronize(), "cuCtxSynchronize")
 
@@ -236,11 +240,20 @@ class CudaArena(Arena):
             raise ConfigError(msg)
         return space == 0
 
+    checksum_path = "numba CUDA kernel (device)"
+
     def checksum(self, space: int, offset: int, nbytes: int) -> int:
         """A CUDA kernel on device memory, numba njit on the host space."""
-        if self._dev(space, offset, nbytes):
-            return cuda_checksum(self.ptr + offset, nbytes)
-        return checksum_bytes(self.host.view[offset : offset + nbytes])
+        if not self._dev(space, offset, nbytes):
+            return checksum_bytes(self.host.view[offset : offset + nbytes])
+        if self._kernel_ok:
+            try:
+                return cuda_checksum(self.ptr + offset, nbytes)
+            except Exception as exc:  # numba-cuda missing or refusing VMM memory: say so, stay correct
+                self._kernel_ok = False
+                self.checksum_path = f"host fallback: device copy + numba njit (CUDA kernel failed: {exc!r:.200})"
+                logger.warning("CUDA checksum kernel failed, checksumming through host copies: %r", exc)
+        return checksum_bytes(np.frombuffer(self.read(0, offset, nbytes), dtype=np.uint8))
 
     def read(self, space: int, offset: int, nbytes: int) -> bytes:
         """Copy bytes out to the host."""
