@@ -4,8 +4,9 @@
 found again by a restarted trainer) and installs a pair of ctypes callbacks as torch's CUDA
 allocator (the pluggable-allocator hook). Activations, temporaries and anything else torch
 allocates then live in the proxy's memory too; sub-allocation is local (a first-fit free list,
-no round trip to the proxy per tensor). It must run before the process allocates any CUDA
-memory through torch (torch cannot swap an allocator that was already used).
+no round trip to the proxy per tensor). It must run before torch initialises CUDA in the
+process (torch cannot swap an allocator once CUDA is initialised), so: create the holder,
+install the allocator, then build the model and ``adopt`` it.
 """
 
 from __future__ import annotations
@@ -87,21 +88,26 @@ def install_arena_allocator(holder: ProxyStateHolder, nbytes: int, device: int =
     """Make torch allocate CUDA memory from a block of the proxy's arena.
 
     Args:
-        holder: An attached holder of a cuda arena.
+        holder: A holder of a cuda arena (not attached yet: attaching initialises torch's CUDA).
         nbytes: Size of the block for all of torch's allocations.
         device: CUDA device.
 
     Raises:
-        ConfigError: The holder has no cuda space or torch already allocated CUDA memory.
+        ConfigError: The holder has no cuda space or torch already initialised CUDA.
     """
     import torch
     from torch.cuda.memory import CUDAPluggableAllocator, change_current_allocator
 
-    if torch.cuda.memory_allocated(device) or torch.cuda.memory_reserved(device):
-        msg = "install_arena_allocator() must run before torch allocates any CUDA memory"
+    if torch.cuda.is_initialized():
+        msg = "install_arena_allocator() must run before torch initialises CUDA in this process"
         raise ConfigError(msg)
-    block = holder.allocate(f"scratch/allocator/{device}", "uint8", (nbytes,), f"cuda:{device}")
-    alloc = ArenaAllocator(int(block.data_ptr()), nbytes, device)
+    spaces = [m for m in holder.map() if m.space.kind == "cuda" and m.space.device == device]
+    if not spaces:
+        msg = f"the proxy's arena has no memory on cuda:{device}"
+        raise ConfigError(msg)
+    name = f"scratch/allocator/{device}"
+    entry = holder.client.allocate(name, spaces[0].space.space, "uint8", [nbytes], nbytes).entry
+    alloc = ArenaAllocator(spaces[0].address + entry.offset, nbytes, device)
     a, f = alloc.function_pointers
     plug = CUDAPluggableAllocator.__new__(CUDAPluggableAllocator)
     plug._allocator = torch._C._cuda_customAllocator(a, f)

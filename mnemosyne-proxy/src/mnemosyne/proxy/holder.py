@@ -62,12 +62,29 @@ class ProxyAttachResult(AttachResult):
 
 @dataclass
 class MappedSpace:
-    """One arena space mapped into this process: its base address and a byte tensor over it."""
+    """One arena space mapped into this process: its address, and a byte tensor over it.
+
+    The tensor is made on first use: mapping must not initialise torch's CUDA state, so that
+    :func:`~mnemosyne.proxy.allocator.install_arena_allocator` can still swap the allocator.
+    """
 
     space: Space
     address: int
-    base: Any
+    make_base: Any
     unmap: Any
+    _base: Any = None
+
+    @property
+    def base(self) -> Any:
+        """A uint8 tensor over the whole space."""
+        if self._base is None:
+            self._base = self.make_base()
+        return self._base
+
+    def release(self) -> None:
+        """Drop the tensor and unmap."""
+        self._base = None
+        self.unmap()
 
 
 class Committer:
@@ -154,8 +171,6 @@ class ProxyStateHolder:
         t0 = time.perf_counter()
         if not self.spaces:
             self._map_all()
-            if any(m.space.kind == "cuda" for m in self.spaces):
-                self._committer = Committer(self.client.commit)
         same = all(m.address == m.space.base_hint or m.space.base_hint == 0 for m in self.spaces)
         for m in self.spaces:
             if m.address != m.space.base_hint:
@@ -247,12 +262,17 @@ class ProxyStateHolder:
             self._committer = None
         self._tensors.clear()
         for m in self.spaces:
-            m.base = None
-            m.unmap()
+            m.release()
         self.spaces.clear()
         self.client.close()
 
     # ---- helpers -------------------------------------------------------------------------
+    def map(self) -> list[MappedSpace]:
+        """Map the arena's spaces without touching torch (attach does it when needed)."""
+        if not self.spaces:
+            self._map_all()
+        return self.spaces
+
     def _map_all(self) -> None:
         for space, fd in self.client.map_spaces():
             if space.kind == "host":
@@ -264,6 +284,8 @@ class ProxyStateHolder:
             else:
                 msg = f"unknown memory space kind {space.kind!r}"
                 raise ConfigError(msg)
+        if any(m.space.kind == "cuda" for m in self.spaces):
+            self._committer = Committer(self.client.commit)
 
     def _space_for(self, device: Any) -> int:
         import torch
@@ -307,6 +329,8 @@ def _map_host(space: Space, fd: int) -> MappedSpace:
         addr = map_shared(fd, space.capacity, space.base_hint)
     finally:
         os.close(fd)
-    buf = (ctypes.c_uint8 * space.capacity).from_address(addr)
-    base = torch.frombuffer(buf, dtype=torch.uint8)
-    return MappedSpace(space, addr, base, lambda: unmap(addr, space.capacity))
+    def make_base() -> Any:
+        buf = (ctypes.c_uint8 * space.capacity).from_address(addr)
+        return torch.frombuffer(buf, dtype=torch.uint8)
+
+    return MappedSpace(space, addr, make_base, lambda: unmap(addr, space.capacity))

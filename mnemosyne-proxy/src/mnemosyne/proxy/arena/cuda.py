@@ -72,12 +72,11 @@ def _set_context(device: int) -> Any:
     return dev
 
 
-def _location(device: int) -> Any:
+def _set_location(obj: Any, device: int) -> None:
+    """Point ``obj.location`` (an allocation prop or access descriptor) at a device."""
     drv = driver()
-    loc = drv.CUmemLocation()
-    loc.type = drv.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
-    loc.id = device
-    return loc
+    obj.location.type = drv.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+    obj.location.id = device
 
 
 def _fd_type() -> Any:
@@ -88,7 +87,7 @@ def _granularity(device: int) -> int:
     drv = driver()
     prop = drv.CUmemAllocationProp()
     prop.type = drv.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
-    prop.location = _location(device)
+    _set_location(prop, device)
     prop.requestedHandleTypes = _fd_type()
     flag = drv.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_RECOMMENDED
     return int(_check(drv.cuMemGetAllocationGranularity(prop, flag), "cuMemGetAllocationGranularity"))
@@ -102,7 +101,7 @@ def _map(handle: Any, size: int, device: int, hint: int = 0) -> int:
     try:
         _check(drv.cuMemMap(ptr, size, 0, handle, 0), "cuMemMap")
         desc = drv.CUmemAccessDesc()
-        desc.location = _location(device)
+        _set_location(desc, device)
         desc.flags = drv.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
         _check(drv.cuMemSetAccess(ptr, size, [desc], 1), "cuMemSetAccess")
     except ProxyError:
@@ -213,7 +212,7 @@ class CudaArena(Arena):
         super().__init__(size, device, host_capacity)
         prop = drv.CUmemAllocationProp()
         prop.type = drv.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
-        prop.location = _location(device)
+        _set_location(prop, device)
         prop.requestedHandleTypes = _fd_type()
         self.handle = _check(drv.cuMemCreate(size, prop, 0), f"cuMemCreate({size} bytes on device {device})")
         self.ptr = _map(self.handle, size, device)
@@ -315,14 +314,14 @@ class _CudaMemory:
 
 
 def map_cuda_space(space: Any, fd: int) -> Any:
-    """Trainer side: import the proxy's device memory and map it at ``space.base_hint`` when free."""
-    import torch
+    """Trainer side: import the proxy's device memory and map it at ``space.base_hint`` when free.
 
+    Only the driver is used here (the primary context, which torch shares); the torch view
+    of the memory is made on first use.
+    """
     from mnemosyne.proxy.holder import MappedSpace
 
     device = int(space.device)
-    torch.cuda.set_device(device)
-    torch.cuda.init()
     _set_context(device)
     drv = driver()
     try:
@@ -333,8 +332,15 @@ def map_cuda_space(space: Any, fd: int) -> Any:
         ptr = _map(handle, int(space.capacity), device, int(space.base_hint))
     finally:
         drv.cuMemRelease(handle)
-    base = torch.as_tensor(_CudaMemory(ptr, int(space.capacity)), device=f"cuda:{device}")
-    if base.data_ptr() != ptr:
-        msg = f"torch did not wrap the arena in place ({base.data_ptr():#x} != {ptr:#x})"
-        raise ProxyError(msg)
-    return MappedSpace(space, ptr, base, lambda: _unmap(ptr, int(space.capacity)))
+
+    def make_base() -> Any:
+        import torch
+
+        torch.cuda.set_device(device)
+        base = torch.as_tensor(_CudaMemory(ptr, int(space.capacity)), device=f"cuda:{device}")
+        if base.data_ptr() != ptr:
+            msg = f"torch did not wrap the arena in place ({base.data_ptr():#x} != {ptr:#x})"
+            raise ProxyError(msg)
+        return base
+
+    return MappedSpace(space, ptr, make_base, lambda: _unmap(ptr, int(space.capacity)))

@@ -61,13 +61,21 @@ def _illegal_address(torch: Any) -> None:
     """Write far past the end of a valid device buffer from a numba kernel (no bounds checks)."""
     from numba import cuda
 
-    @cuda.jit
+    @cuda.jit  # type: ignore[untyped-decorator]
     def poke(arr: Any, index: Any) -> None:  # pragma: no cover - GPU
         arr[index] = 1.0
 
     buf = torch.zeros(16, device="cuda")
     poke[1, 1](cuda.as_cuda_array(buf), 1 << 40)
-    torch.cuda.synchronize()  # raises: an illegal memory access was encountered
+    try:
+        torch.cuda.synchronize()  # raises: an illegal memory access was encountered
+    except Exception as exc:
+        # The context is poisoned for good; leave at once rather than through atexit
+        # handlers that would touch CUDA again.
+        print(f"trainer died: {exc}", file=sys.stderr, flush=True)
+        os._exit(17)
+    msg = "the out-of-bounds write did not fault"
+    raise SystemExit(msg)
 
 
 def _final(model: Any, opt: Any) -> dict[str, Any]:
@@ -164,8 +172,7 @@ def _steptime(args: argparse.Namespace) -> None:
         from mnemosyne.proxy.holder import ProxyStateHolder
 
         holder = ProxyStateHolder(args.socket)
-        holder.attach()
-        if args.mode == "proxy-alloc":
+        if args.mode == "proxy-alloc":  # before anything initialises CUDA in this process
             from mnemosyne.proxy.allocator import install_arena_allocator
 
             install_arena_allocator(holder, args.alloc_bytes)
