@@ -85,8 +85,9 @@ def _proxy(out: Path, name: str, device: int, size: int) -> Any:
 
     if not _STATE_ROOT:  # a short path: Unix socket paths are limited to ~100 bytes
         _STATE_ROOT.append(Path(tempfile.mkdtemp(prefix="mnpx")))
-    return ProxyProcess(_STATE_ROOT[0] / name, size=str(size), job=GPU_ENV["MNEMOSYNE_JOB_ID"], token=GPU_ENV["MNEMOSYNE_TOKEN"],
-                        arena="cuda", device=device, ready_timeout=120, extra_env=_env())
+    return ProxyProcess(_STATE_ROOT[0] / name, size=str(size), job=GPU_ENV["MNEMOSYNE_JOB_ID"],
+                        token=GPU_ENV["MNEMOSYNE_TOKEN"], arena="cuda", device=device, ready_timeout=120,
+                        extra_env=_env())
 
 
 def versions() -> dict[str, Any]:
@@ -260,6 +261,12 @@ def main() -> int:
             report[name] = {"error": str(exc)}
             print(f"[FAILED] {name}: {exc}", flush=True)
     (out / "proxy_bench.json").write_text(json.dumps(report, indent=2, default=str))
+    if _STATE_ROOT:  # keep the proxies' own logs with the results, drop their sockets and arenas' logs
+        import shutil
+
+        for f in _STATE_ROOT[0].glob("*.proxy.out"):
+            shutil.copy(f, out / f.name)
+        shutil.rmtree(_STATE_ROOT[0], ignore_errors=True)
     print()
     print(f"{'case':<22} {'result'}")
     if "error" not in report["illegal_address"]:
