@@ -141,3 +141,18 @@ def test_full_arena_is_a_clear_error():
     t.apply(RecOpen(1, "host", -1, [4 * ALIGN]))
     with pytest.raises(ArenaFullError, match="cannot allocate 99999 bytes for 'big'"):
         t.plan_alloc("big", 0, "uint8", [99999], 99999)
+
+
+def test_state_appearing_outside_an_update_is_not_vouched_for():
+    t = HandleTable([])
+    t.apply(RecOpen(1, "host", -1, [1 << 20]))
+    t.apply(RecBegin(0))
+    t.apply(RecCommit(0))
+    scratch = t.plan_alloc("scratch/grad/w", 0, "float32", [4], 16)
+    t.apply(RecAlloc(scratch))
+    assert t.status is CommitStatus.COMMITTED  # scratch holds no state
+    anon = t.plan_alloc("", 0, "float32", [4], 16)
+    t.apply(RecAlloc(anon))
+    assert t.status is CommitStatus.COMMITTED
+    t.apply(RecName(anon.handle, "model/w"))
+    assert t.status is CommitStatus.TORN and "named outside an update" in t.status_reply().reason

@@ -202,6 +202,9 @@ class HandleTable:
                 raise CorruptStateError(msg)
             e.name = rec.name
             self.by_name[rec.name] = rec.handle
+            if is_state(e) and st.update_step < 0 and st.status is not CommitStatus.TORN:
+                st.status = CommitStatus.TORN
+                st.reason = f"tensor {e.name!r} was named outside an update and never committed"
         elif isinstance(rec, RecBegin):
             st.status, st.update_step = CommitStatus.TORN, rec.step
             st.reason = f"the update of step {rec.step} began and was never committed"
