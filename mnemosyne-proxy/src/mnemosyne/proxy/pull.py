@@ -20,7 +20,7 @@ import time
 from typing import TYPE_CHECKING
 
 from mnemosyne.core.state import CommitStatus
-from mnemosyne.proxy._generated.messages import Entry, PullReply, RecAlloc
+from mnemosyne.proxy._generated.messages import Entry, PullReply, RecAlloc, RecPullStart
 from mnemosyne.proxy.client import ProxyClient
 from mnemosyne.proxy.errors import PullError
 from mnemosyne.proxy.table import STATUS_CODES, is_state
@@ -78,6 +78,8 @@ def pull_from_peer(server: ProxyServer, peer: str, token: str) -> PullReply:
         donor = [e for e in before.entries if is_state(e)]
         pairs = _match_layout(server, donor)
         total = sum(d.nbytes for d in donor)
+        # From the first byte written until verified, this arena holds no consistent state.
+        server._log(RecPullStart(st.step, peer))
         if conn.is_unix:
             path = "same-node mapped copy"
             spaces_fds = conn.map_spaces()

@@ -23,6 +23,7 @@ from mnemosyne.proxy._generated.messages import (
     RecFree,
     RecName,
     RecOpen,
+    RecPullStart,
     RecRestore,
     RecSnapshot,
     StatusReply,
@@ -208,6 +209,9 @@ class HandleTable:
         elif isinstance(rec, RecBegin):
             st.status, st.update_step = CommitStatus.TORN, rec.step
             st.reason = f"the update of step {rec.step} began and was never committed"
+        elif isinstance(rec, RecPullStart):
+            st.status, st.update_step = CommitStatus.TORN, -1
+            st.reason = f"a pull of step {rec.step} from {rec.peer} began and did not complete"
         elif isinstance(rec, (RecCommit, RecRestore)):
             st.status, st.step, st.update_step, st.reason = CommitStatus.COMMITTED, rec.step, -1, ""
         elif isinstance(rec, RecBase):

@@ -868,6 +868,29 @@ class RecRestore:
 
 
 @dataclass
+class RecPullStart:
+    """A pull from a peer started overwriting the arena: torn until the matching RecRestore."""
+
+    MSG_ID: ClassVar[int] = 69
+    KIND: ClassVar[str] = "record"
+    step: int = 0
+    peer: str = ""
+
+    def encode_into(self, out: bytearray) -> None:
+        """Append this value's encoding."""
+        out += _S_q.pack(self.step)
+        _put_str(out, self.peer)
+
+    @classmethod
+    def decode_from(cls, buf: memoryview, pos: int) -> tuple[RecPullStart, int]:
+        """Decode one value at ``pos``; return it and the position after it."""
+        (step,) = _S_q.unpack_from(buf, pos)
+        pos += _S_q.size
+        peer, pos = _get_str(buf, pos)
+        return cls(step, peer), pos
+
+
+@dataclass
 class RecSnapshot:
     """Compaction: the whole table and status at once (first record of a compacted log)."""
 
@@ -905,7 +928,7 @@ class RecSnapshot:
         return cls(status, next_handle, capacities, bases, entries), pos
 
 
-Message = Ok | Error | Welcome | MapReply | AllocateReply | StatusReply | TableReply | ChecksumReply | ReadReply | PullReply | Hello | Map | SetBase | Allocate | Free | Name | Table | BeginUpdate | Commit | Status | Checksum | Read | Pull | Shutdown | RecOpen | RecBase | RecAlloc | RecFree | RecName | RecBegin | RecCommit | RecRestore | RecSnapshot
+Message = Ok | Error | Welcome | MapReply | AllocateReply | StatusReply | TableReply | ChecksumReply | ReadReply | PullReply | Hello | Map | SetBase | Allocate | Free | Name | Table | BeginUpdate | Commit | Status | Checksum | Read | Pull | Shutdown | RecOpen | RecBase | RecAlloc | RecFree | RecName | RecBegin | RecCommit | RecRestore | RecPullStart | RecSnapshot
 
 #: Every message class by id.
 MESSAGES: dict[int, type[Message]] = {
@@ -941,6 +964,7 @@ MESSAGES: dict[int, type[Message]] = {
     RecBegin.MSG_ID: RecBegin,
     RecCommit.MSG_ID: RecCommit,
     RecRestore.MSG_ID: RecRestore,
+    RecPullStart.MSG_ID: RecPullStart,
     RecSnapshot.MSG_ID: RecSnapshot,
 }
 
@@ -1042,6 +1066,7 @@ __all__ = [
     "RecFree",
     "RecName",
     "RecOpen",
+    "RecPullStart",
     "RecRestore",
     "RecSnapshot",
     "SetBase",
