@@ -132,6 +132,12 @@ def test_pull_refuses_when_this_arena_has_state_the_peer_lacks(pair):
         assert c.status().step == 0  # untouched
 
 
+def test_pull_from_itself_is_refused(pair):
+    a, _ = pair
+    with _c(a) as c, pytest.raises(PullError, match="cannot pull from itself"):
+        c.pull(a.unix_address, "")
+
+
 def test_pull_with_a_wrong_peer_token_is_refused(pair):
     a, b = pair
     _fill_donor(b)

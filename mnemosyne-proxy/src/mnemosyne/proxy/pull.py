@@ -68,6 +68,11 @@ def pull_from_peer(server: ProxyServer, peer: str, token: str) -> PullReply:
         ProxyUnavailableError: The peer is unreachable.
     """
     arena = server._arena()
+    target = peer.removeprefix("unix:")
+    if target in (str(server.socket_path), server.peer_address):
+        # The proxy serves one request at a time: pulling from itself would wait on itself.
+        msg = f"a proxy cannot pull from itself ({peer})"
+        raise PullError(msg)
     t0 = time.perf_counter()
     with ProxyClient(peer, token=token, job=server.job, role="peer") as conn:
         before = conn.table()
