@@ -351,10 +351,15 @@ class FlexCommunicator(ABC):
         # The old group is finished either way: aborting wakes any thread still blocked in
         # it, and the members of the old epoch that are still waiting see the abort key.
         self.abort(f"superseded by {what} to epoch {epoch}")
-        try:
-            self._store.compare_set(f"{self._prefix}/abort", b"", f"superseded by {what} to epoch {epoch}".encode())
-        except Exception as exc:  # best effort: the agent's epoch also reaches them
-            logger.warning("could not publish the end of epoch %d: %s", self._epoch, exc)
+        if dead:
+            # The old epoch is broken: wake every member still blocked in it. Not for
+            # rebuild/grow, where the old epoch is healthy and a slower member may still
+            # be finishing its last collective in it.
+            try:
+                self._store.compare_set(f"{self._prefix}/abort", b"",
+                                        f"ranks {list(dead)} failed; survivors shrink to epoch {epoch}".encode())
+            except Exception as exc:  # best effort: the agent's epoch also reaches them
+                logger.warning("could not publish the end of epoch %d: %s", self._epoch, exc)
         advance_epoch(self._store, self.tag, epoch)
         agree_members(self._store, self.tag, epoch, order)
         started = time.perf_counter()

@@ -18,6 +18,7 @@ maps them to logical ranks (``comm.order``).
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from typing import Any
 
@@ -30,6 +31,28 @@ from mnemosyne.core.errors import CommAborted, ConfigError, PeerFailureError
 __all__ = ["FlexProcessGroup", "FlexWork"]
 
 logger = logging.getLogger(__name__)
+
+
+def _unwrap(fut: torch.futures.Future[Any]) -> Any:
+    kind, value = fut.value()
+    if kind == "err":
+        raise RuntimeError(value)
+    return value
+
+
+def _wait_loop(q: queue.SimpleQueue[Any]) -> None:
+    while True:
+        item = q.get()
+        if item is None:
+            return
+        work, done = item
+        try:
+            work.wait()
+        except RuntimeError as exc:
+            done(f"collective failed: {exc}")
+        else:
+            done(None)
+        del work, done, item
 
 
 class FlexWork(dist.Work):  # type: ignore[misc]
@@ -70,6 +93,7 @@ class FlexProcessGroup(dist.ProcessGroup):  # type: ignore[misc]
         self._next_id = 0
         self._watcher: threading.Thread | None = None
         self._wake = threading.Event()
+        self._waiters: dict[int, tuple[FlexCommunicator, queue.SimpleQueue[Any]]] = {}
 
     @property
     def comm(self) -> FlexCommunicator:
@@ -98,6 +122,11 @@ class FlexProcessGroup(dist.ProcessGroup):  # type: ignore[misc]
 
     def _track(self, work: Any, result: list[Any]) -> FlexWork:
         comm = self._comm
+        # ``src`` carries ("ok", tensors) or ("err", text); the future handed to torch is
+        # ``src.then(_unwrap)``, so a failure reaches C++ (DDP's reducer) as the plain
+        # RuntimeError that torch makes of an exception raised in a ``then`` callback. A
+        # Python exception object set directly with ``set_exception`` crashed the process
+        # when DDP rethrew it inside backward (torch 2.13).
         fut: torch.futures.Future[Any] = torch.futures.Future()
         with self._lock:
             op_id = self._next_id
@@ -110,36 +139,27 @@ class FlexProcessGroup(dist.ProcessGroup):  # type: ignore[misc]
             if entry is None or fut.done():
                 return
             if err is None:
-                fut.set_result(result)
+                fut.set_result(("ok", result))
             else:
-                fut.set_exception(comm.fail(err))
+                fut.set_result(("err", str(comm.fail(err))))
 
-        try:
-            inner = work.get_future()
-        except RuntimeError:
-            inner = None
-        if inner is not None:
-            def _cb(f: Any) -> None:
-                try:
-                    f.value()
-                except Exception as exc:
-                    _done(f"collective failed: {exc}")
-                    return
-                _done(None)
-
-            inner.add_done_callback(_cb)
-        else:
-            def _wait_inner() -> None:
-                try:
-                    work.wait()
-                except RuntimeError as exc:
-                    _done(f"collective failed: {exc}")
-                    return
-                _done(None)
-
-            threading.Thread(target=_wait_inner, daemon=True, name="mnemosyne-pg-wait").start()
+        # Completion is observed by a Python thread of ours (one per communicator, in
+        # issue order), never from a callback on Gloo's thread: completing DDP's future
+        # with an error from inside Gloo's callback crashed the process (torch 2.13).
+        self._waiter(comm).put((work, _done))
         self._ensure_watcher()
-        return FlexWork(fut, comm.timeout)
+        return FlexWork(fut.then(_unwrap), comm.timeout)
+
+    def _waiter(self, comm: FlexCommunicator) -> queue.SimpleQueue[Any]:
+        with self._lock:
+            key = id(comm)
+            if self._waiters.get(key, (None, None))[0] is not comm:
+                q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+                threading.Thread(target=_wait_loop, args=(q,), daemon=True, name="mnemosyne-pg-wait").start()
+                for _, old_q in self._waiters.values():
+                    old_q.put(None)  # a stuck waiter stays stuck, a free one exits
+                self._waiters = {key: (comm, q)}
+            return self._waiters[key][1]
 
     def _ensure_watcher(self) -> None:
         with self._lock:
@@ -178,8 +198,8 @@ class FlexProcessGroup(dist.ProcessGroup):  # type: ignore[misc]
                 del self._pending[k]
         for fut, comm, _ in victims.values():
             if not fut.done():
-                err = exc or PeerFailureError(f"{comm!r}: {comm._abort_reason}")
-                fut.set_exception(err)
+                err = exc or PeerFailureError(f"{comm!r}: peer failure: {comm._abort_reason}")
+                fut.set_result(("err", f"{type(err).__name__}: {err}"))
 
     def _pg(self) -> Any:
         self._comm._raise_if_aborted()

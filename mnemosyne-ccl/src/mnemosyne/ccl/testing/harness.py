@@ -42,6 +42,7 @@ class Harness:
         full = {"addr": self.server.address, "job": self.job, "token": self.token, **cfg}
         env = dict(os.environ)
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        env.setdefault("PYTHONFAULTHANDLER", "1")
         proc = subprocess.Popen([sys.executable, "-m", self.module, json.dumps(full)], env=env)
         self.procs[name] = proc
         return proc
