@@ -14,7 +14,7 @@ import pytest
 from mnemosyne.ccl import _wire
 from mnemosyne.ccl.store_client import StoreClient, parse_addr
 from mnemosyne.ccl.store_server import StoreServer
-from mnemosyne.core.errors import AuthError, ConfigError, ProtocolError, StaleEpochError, StoreError, StoreTimeout
+from mnemosyne.core.errors import AuthError, ConfigError, StaleEpochError, StoreError, StoreTimeout
 from mnemosyne.core.store import Store
 
 pytestmark = pytest.mark.timeout(30)

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch._C._distributed_c10d import AllgatherOptions
 
 from mnemosyne.ccl._base import POLL_S, FlexCommunicator
 from mnemosyne.core.errors import CommAborted, ConfigError, PeerFailureError
@@ -86,7 +87,7 @@ class FlexProcessGroup(dist.ProcessGroup):  # type: ignore[misc]
     """
 
     def __init__(self, comm: FlexCommunicator) -> None:
-        super().__init__(comm.physical_rank, comm.size)
+        super().__init__(comm.physical_rank, comm.size)  # type: ignore[call-arg]
         self._comm = comm
         self._lock = threading.Lock()
         self._pending: dict[int, tuple[torch.futures.Future[Any], Any, list[Any]]] = {}
@@ -114,7 +115,7 @@ class FlexProcessGroup(dist.ProcessGroup):  # type: ignore[misc]
         self._fail_pending(CommAborted(f"process group swapped to epoch {comm.epoch}"))
         self._comm = comm
 
-    def getBackendName(self) -> str:  # noqa: N802 (torch's name)
+    def getBackendName(self) -> str:
         """Backend name reported to torch."""
         return f"mnemosyne-{self._comm.backend_name}"
 
@@ -207,7 +208,7 @@ class FlexProcessGroup(dist.ProcessGroup):  # type: ignore[misc]
 
     # -- collectives (torch's ProcessGroup signatures) -----------------------------------
 
-    def allreduce(self, tensors: list[torch.Tensor], opts: Any = None) -> FlexWork:
+    def allreduce(self, tensors: list[torch.Tensor], opts: Any = None) -> FlexWork:  # type: ignore[override]
         """All-reduce (opts: AllreduceOptions or a ReduceOp)."""
         if opts is None:
             opts = dist.AllreduceOptions()
@@ -222,25 +223,27 @@ class FlexProcessGroup(dist.ProcessGroup):  # type: ignore[misc]
         opts = opts if opts is not None else dist.AllreduceCoalescedOptions()
         return self._track(self._pg().allreduce_coalesced(tensors, opts), tensors)
 
-    def broadcast(self, tensors: list[torch.Tensor], opts: Any = None) -> FlexWork:
+    def broadcast(self, tensors: list[torch.Tensor], opts: Any = None) -> FlexWork:  # type: ignore[override]
         """Broadcast from ``opts.rootRank`` (physical)."""
         opts = opts if opts is not None else dist.BroadcastOptions()
         return self._track(self._pg().broadcast(tensors, opts), tensors)
 
-    def allgather(self, output_tensors: list[list[torch.Tensor]], input_tensors: list[torch.Tensor],
-                  opts: Any = None) -> FlexWork:
+    def allgather(  # type: ignore[override]
+        self, output_tensors: list[list[torch.Tensor]], input_tensors: list[torch.Tensor], opts: Any = None
+    ) -> FlexWork:
         """All-gather in physical rank order."""
-        opts = opts if opts is not None else dist.AllgatherOptions()
+        opts = opts if opts is not None else AllgatherOptions()
         return self._track(self._pg().allgather(output_tensors, input_tensors, opts), output_tensors)
 
     def _allgather_base(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> FlexWork:
         """All-gather into one flat tensor (FSDP2, DeviceMesh)."""
         chunks = list(output.chunk(self._comm.size))
-        opts = opts if opts is not None else dist.AllgatherOptions()
+        opts = opts if opts is not None else AllgatherOptions()
         return self._track(self._pg().allgather([chunks], [input], opts), [output])
 
-    def reduce_scatter(self, output_tensors: list[torch.Tensor], input_tensors: list[list[torch.Tensor]],
-                       opts: Any = None) -> FlexWork:
+    def reduce_scatter(  # type: ignore[override]
+        self, output_tensors: list[torch.Tensor], input_tensors: list[list[torch.Tensor]], opts: Any = None
+    ) -> FlexWork:
         """Reduce-scatter in physical rank order."""
         opts = opts if opts is not None else dist.ReduceScatterOptions()
         return self._track(self._pg().reduce_scatter(output_tensors, input_tensors, opts), output_tensors)

@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from mnemosyne.ccl.gloo import GlooBackend, GlooCommunicator
+from mnemosyne.ccl._base import FlexCommunicator
+from mnemosyne.ccl.gloo import GlooBackend
 from mnemosyne.ccl.store_client import StoreClient
-from mnemosyne.core.comm import ReduceOp
 from mnemosyne.core.errors import CommError
 from mnemosyne.core.store import Store
 
@@ -39,7 +39,7 @@ def _put(store: Store, key: str, value: Any) -> None:
     store.set(key, json.dumps(value).encode())
 
 
-def _exact_all_reduce(comm: GlooCommunicator, salt: int) -> dict[str, Any]:
+def _exact_all_reduce(comm: FlexCommunicator, salt: int) -> dict[str, Any]:
     # Integer-valued floats: the sum is exact whatever the reduction order.
     t = torch.full((4096,), float(comm.rank * 7 + salt + 1))
     comm.all_reduce(t)
@@ -59,6 +59,7 @@ def faults(cfg: dict[str, Any], store: Store) -> None:
     rank, plan = int(cfg["rank"]), [int(v) for v in cfg["plan"]]
     start = int(cfg.get("start_round", 0))
     be = GlooBackend()
+    comm: FlexCommunicator
     if start == 0:
         comm = be.create(store, rank, int(cfg["size"]), timeout=TIMEOUT)
     else:
@@ -100,7 +101,7 @@ def _train(ddp: Any, opt: torch.optim.Optimizer, rank: int, steps: range) -> Non
     for step in steps:
         x, y = _batch(rank, step)
         opt.zero_grad()
-        torch.nn.functional.mse_loss(ddp(x), y).backward()
+        torch.nn.functional.mse_loss(ddp(x), y).backward()  # type: ignore[no-untyped-call]
         opt.step()
 
 
@@ -119,6 +120,7 @@ def ddp(cfg: dict[str, Any], store: Store) -> None:
     newcomer = bool(cfg.get("newcomer"))
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    comm: FlexCommunicator
     if not newcomer:
         comm = be.create(store, rank, size, timeout=TIMEOUT)
         # Reference: no fault; DDP rebuilt at step k exactly as the faulted run does.
