@@ -16,6 +16,7 @@ Store layout under the store given to ``create`` (normally the job's namespace):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -119,7 +120,8 @@ def read_members(store: Store, tag: str, epoch: int, timeout: float) -> tuple[in
     try:
         order = json.loads(raw)
         if not isinstance(order, list) or not all(isinstance(r, int) for r in order):
-            raise ValueError("not a list of ints")
+            bad = "not a list of ints"
+            raise ValueError(bad)
     except ValueError as exc:
         msg = f"member list of {tag!r} epoch {epoch} is malformed: {raw[:80]!r} ({exc})"
         raise ProtocolError(msg) from None
@@ -230,7 +232,7 @@ class FlexCommunicator(ABC):
         """Whether :meth:`abort` was called or a peer failure was seen."""
         return self._abort_reason is not None
 
-    def _on_abort(self) -> None:
+    def _on_abort(self) -> None:  # noqa: B027 (optional hook, empty by default)
         """Backend hook run after the flag is set (must not block)."""
 
     def _raise_if_aborted(self) -> None:
@@ -298,7 +300,8 @@ class FlexCommunicator(ABC):
                 if time.monotonic() >= deadline:
                     text = f"{what} did not complete within {limit:g} s"
                     self.fail(text)
-                    raise CollectiveTimeout(f"{self!r}: {text}")
+                    msg = f"{self!r}: {text}"
+                    raise CollectiveTimeout(msg)
         finally:
             with self._lock:
                 self._wakeups.discard(done)
@@ -351,10 +354,15 @@ class FlexCommunicator(ABC):
         # The old group is finished either way: aborting wakes any thread still blocked in
         # it, and the members of the old epoch that are still waiting see the abort key.
         self.abort(f"superseded by {what} to epoch {epoch}")
-        try:
-            self._store.compare_set(f"{self._prefix}/abort", b"", f"superseded by {what} to epoch {epoch}".encode())
-        except Exception as exc:  # best effort: the agent's epoch also reaches them
-            logger.warning("could not publish the end of epoch %d: %s", self._epoch, exc)
+        if dead:
+            # The old epoch is broken: wake every member still blocked in it. Not for
+            # rebuild/grow, where the old epoch is healthy and a slower member may still
+            # be finishing its last collective in it.
+            try:
+                self._store.compare_set(f"{self._prefix}/abort", b"",
+                                        f"ranks {list(dead)} failed; survivors shrink to epoch {epoch}".encode())
+            except Exception as exc:  # best effort: the agent's epoch also reaches them
+                logger.warning("could not publish the end of epoch %d: %s", self._epoch, exc)
         advance_epoch(self._store, self.tag, epoch)
         agree_members(self._store, self.tag, epoch, order)
         started = time.perf_counter()
@@ -417,10 +425,8 @@ class FlexCommunicator(ABC):
             if time.monotonic() >= deadline:
                 msg = f"{self!r}: {what}: members did not arrive within {self.timeout:g} s"
                 raise CollectiveTimeout(msg)
-            try:
+            with contextlib.suppress(TimeoutError):
                 self._store.wait(keys, POLL_S * 4)
-            except TimeoutError:
-                pass
 
     # -- collectives (backends) ----------------------------------------------------
 

@@ -29,7 +29,7 @@ def register_store(sub: Any) -> None:
 def _run_bench(args: argparse.Namespace) -> int:
     from mnemosyne.ccl.bench import run
 
-    return run(args)
+    return int(run(args))
 
 
 def _run_info(args: argparse.Namespace) -> int:

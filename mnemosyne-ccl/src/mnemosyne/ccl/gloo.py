@@ -36,7 +36,8 @@ def _torch() -> Any:
         import torch
         import torch.distributed as dist
     except ImportError:
-        raise MissingDependencyError("torch (for the gloo backend)", 'pip install "mnemosyne-ccl[torch]"') from None
+        what, install = "torch (for the gloo backend)", 'pip install "mnemosyne-ccl[torch]"'
+        raise MissingDependencyError(what, install) from None
     if not dist.is_available() or not dist.is_gloo_available():
         msg = "this torch build has no Gloo support (torch.distributed.is_gloo_available() is False)"
         raise CommError(msg)
@@ -144,7 +145,8 @@ class GlooCommunicator(FlexCommunicator):
             try:
                 work.wait()
             except RuntimeError as exc:
-                raise self.fail(f"{what} failed: {exc}") from None
+                err = self.fail(f"{what} failed: {exc}")
+                raise err from None
             return
         # Gloo's send/recv/reduce_scatter works have no future and never report
         # is_completed(): one helper thread per communicator waits for them in order.
@@ -152,7 +154,8 @@ class GlooCommunicator(FlexCommunicator):
         self._helper().put((work, done, box))
         self.wait_until(done, lambda: bool(box), what)
         if "err" in box:
-            raise self.fail(f"{what} failed: {box['err']}") from None
+            err = self.fail(f"{what} failed: {box['err']}")
+            raise err from None
 
     def _helper(self) -> queue.SimpleQueue[Any]:
         with self._lock:

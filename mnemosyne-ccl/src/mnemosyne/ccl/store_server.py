@@ -355,7 +355,8 @@ class StoreServer:
 
     def _hello(self, conn: _Conn, req: dict[str, Any]) -> dict[str, Any]:
         if req.get("version") != _wire.PROTOCOL_VERSION:
-            msg = f"store protocol version {req.get('version')!r} not supported (server speaks {_wire.PROTOCOL_VERSION})"
+            msg = (f"store protocol version {req.get('version')!r} not supported "
+                   f"(server speaks {_wire.PROTOCOL_VERSION})")
             raise ProtocolError(msg)
         job_id = _str_field(req, "job")
         token = _str_field(req, "token")

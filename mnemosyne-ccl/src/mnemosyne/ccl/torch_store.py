@@ -23,7 +23,7 @@ __all__ = ["TorchStore"]
 _SLICE_S = 0.2
 
 
-class TorchStore(dist.Store):  # type: ignore[misc]
+class TorchStore(dist.Store):  # type: ignore[misc,name-defined]
     """Adapter from a core Store to ``torch.distributed.Store``.
 
     Args:
