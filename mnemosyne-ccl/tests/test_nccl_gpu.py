@@ -42,3 +42,49 @@ def test_nccl_bench_shrink_grow_on_gpus(tmp_path):
                           env=env, capture_output=True, text=True, timeout=560)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1].startswith("repair_speedup: ")
+
+
+needs_one_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@needs_one_gpu
+@pytest.mark.timeout(300)
+def test_nccl_single_rank_lifecycle(tmp_path):
+    """One rank on one GPU: the nccl4py paths (non-blocking init, collectives on torch's current stream,
+    rebuild from the cached topology, split, abort) against the real library."""
+    from mnemosyne.ccl import StoreClient, StoreServer
+    from mnemosyne.core.errors import CommAborted
+
+    srv = StoreServer(jobs={"j": "tok"}).start()
+    try:
+        store = StoreClient(srv.address, "j", "tok")
+        be = NcclBackend(device=0, cache_dir=str(tmp_path / "cache"))
+        assert be.library_version().count(".") == 2
+        comm = be.create(store, 0, 1)
+        assert (comm.rank, comm.size, comm.epoch) == (0, 1, 0)
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            t = torch.arange(1 << 20, dtype=torch.float32, device="cuda")
+            comm.all_reduce(t)
+            comm.broadcast(t, root=0)
+            outs = [torch.empty_like(t)]
+            comm.all_gather(outs, t)
+        torch.cuda.synchronize()
+        assert torch.equal(outs[0], torch.arange(1 << 20, dtype=torch.float32, device="cuda"))
+        assert any((tmp_path / "cache").rglob("*")), "NCCL topology/graph dumps were not written"
+        comm2 = comm.rebuild()
+        assert comm2.epoch == 1
+        t2 = torch.ones(8, device="cuda")
+        comm2.all_reduce(t2)
+        assert torch.equal(t2, torch.ones(8, device="cuda"))
+        sub = comm2.split(0, 0)
+        assert sub is not None and sub.size == 1
+        sub.close()
+        comm2.abort("test abort")
+        with pytest.raises(CommAborted):
+            comm2.all_reduce(t2)
+        comm2.close()
+        store.close()
+    finally:
+        srv.stop()
