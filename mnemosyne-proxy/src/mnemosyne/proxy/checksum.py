@@ -18,9 +18,8 @@ are the same modulo 2**64, and right shifts are masked to be logical.
 
 from __future__ import annotations
 
-from typing import Any
-
 import logging
+from typing import Any
 
 import numpy as np
 

@@ -127,7 +127,8 @@ class ProxyClient(ClientStub):
             what = type(request).__name__
             try:
                 send_frame(self.sock, request, rid)
-                reply, got_id, fds = recv_frame(self.sock, want_fds=self.is_unix and isinstance(request, (Map, Markers)))
+                want_fds = self.is_unix and isinstance(request, (Map, Markers))
+                reply, got_id, fds = recv_frame(self.sock, want_fds=want_fds)
             except PeerClosed as exc:
                 msg = (f"the device proxy at {self.address} is gone ({exc}) while {what} was outstanding; "
                        "the state it held is lost unless a restarted proxy pulls it from a peer")

@@ -293,6 +293,11 @@ class ProxyStateHolder:
             self._committer.submit(word, event)
         self.marker_seconds += time.perf_counter() - t0
 
+    @property
+    def markers(self) -> MarkerPage | None:
+        """The proxy's marker page as mapped here (None before attach)."""
+        return self._page
+
     def flush(self) -> None:
         """Wait until every commit is marked on the page."""
         if self._committer is not None:

@@ -72,7 +72,7 @@ def _illegal_address(torch: Any) -> None:
     address inside a reserved-but-unmapped virtual range (or, if the reservation lies below
     the buffer, 4 TiB past it), which the GPU reports as an illegal address.
     """
-    from mnemosyne.proxy.arena.cuda import _CudaMemory, _check, _granularity, driver
+    from mnemosyne.proxy.arena.cuda import _check, _CudaMemory, _granularity, driver
 
     buf = torch.zeros(16, device="cuda")
     ptr = buf.data_ptr()
