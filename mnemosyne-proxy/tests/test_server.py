@@ -229,7 +229,7 @@ def test_committer_logs_a_commit_only_after_the_device_finished(proxy):
             waiter = threading.Thread(target=committer.wait)
             waiter.start()
             waiter.join(0.2)
-            assert waiter.is_alive()  # the next begin_update would wait here
+            assert waiter.is_alive()  # flush() (status, pull, close) waits here
             gate.open.set()
             waiter.join(10)
             st = observer.status()

@@ -6,8 +6,11 @@ Runs from the source tree (adds the core and proxy src folders to PYTHONPATH for
 every process it starts); needs torch with CUDA, cuda-python (cuda.bindings) and numba-cuda.
 Cases, each in fresh processes with bounded waits:
 
-1. illegal address: a trainer keeps its state in a proxy, commits step 4, then a kernel
-   writes far outside a buffer (sticky illegal-address error) and the trainer dies; a new
+0. checksum paths: the device checksum of the same random bytes with the numba-cuda kernel and
+   with torch ops, each compared with the host definition (numba-cuda failing to import or
+   compile is reported, not fatal: the proxies then use torch).
+1. illegal address: a trainer keeps its state in a proxy, commits step 4, then a torch kernel
+   writes to unmapped device memory (sticky illegal-address error) and the trainer dies; a new
    trainer re-attaches, finishes, and its final state must equal a fault-free run (and a
    run without any proxy) bit for bit.
 2. attach time: a new process attaches to 1 GiB and to 20 GiB (or as much as fits) of state.
@@ -15,10 +18,12 @@ Cases, each in fresh processes with bounded waits:
    one exists; labelled so), verified by CUDA-kernel checksums; bandwidth as a fraction of a
    plain device-to-device copy between the same GPUs measured in this run.
 4. step overhead: the same model and optimizer without a proxy and with its state adopted into
-   the arena (begin_update/commit every step); also with every allocation routed through the
-   arena (the ctypes allocator).
+   the arena (begin_update/commit markers every step, written to the proxy's marker page);
+   also with every allocation routed through the arena (the ctypes allocator). The trainer's
+   time inside begin_update + commit per step is reported as the marker cost.
 
-Prints versions first, then a table; writes everything as JSON under $OUT (or .bench/proxy);
+Prints versions first, then a table; writes everything as JSON under $OUT (or .bench/proxy),
+including every worker's exit code and stderr tail (``workers``);
 the last line is ``proxy_step_overhead: <ratio>``. Any failed case exits non-zero: no number is
 printed that was not measured.
 """
@@ -55,13 +60,22 @@ def _env() -> dict[str, str]:
     return env
 
 
+#: Every worker run: its arguments, exit code, seconds and the tail of its stderr (into the JSON).
+WORKERS: list[dict[str, Any]] = []
+
+
 def _worker(args: list[str], timeout: float, expect_ok: bool = True) -> tuple[subprocess.CompletedProcess[str],
                                                                              list[dict[str, Any]]]:
     cmd = [sys.executable, "-m", "mnemosyne.proxy.testing.gpu", *args]
+    t0 = time.perf_counter()
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout, check=False)
     except subprocess.TimeoutExpired as exc:
-        raise BenchError(f"worker {args[0]} did not finish in {timeout} s") from exc
+        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+        WORKERS.append({"args": args, "rc": None, "seconds": timeout, "stderr_tail": err[-4000:]})
+        raise BenchError(f"worker {args[0]} did not finish in {timeout} s; stderr: {err[-1500:]}") from exc
+    WORKERS.append({"args": args, "rc": res.returncode, "seconds": time.perf_counter() - t0,
+                    "stderr_tail": res.stderr[-4000:]})
     lines = [json.loads(ln) for ln in res.stdout.splitlines() if ln.startswith("{")]
     if expect_ok and res.returncode != 0:
         raise BenchError(f"worker {' '.join(args)} exited {res.returncode}: {res.stderr[-3000:]}")
@@ -112,6 +126,16 @@ def _driver_version() -> str:
 
     err, ver = driver().cuDriverGetVersion()
     return f"{ver // 1000}.{(ver % 1000) // 10}" if int(err) == 0 else f"error {err}"
+
+
+def case_checksum(out: Path, quick: bool) -> dict[str, Any]:
+    _, lines = _worker(["checksum", "--bytes", str((64 if quick else 512) << 20)], 600)
+    r = _result(lines)
+    if not r["torch"].get("equal"):
+        raise BenchError(f"the torch device checksum differs from the host definition (or failed): {r['torch']}")
+    if "error" not in r["numba-cuda"] and not r["numba-cuda"].get("equal"):
+        raise BenchError(f"the numba-cuda checksum differs from the host definition: {r['numba-cuda']}")
+    return {k: v for k, v in r.items() if k != "result"}
 
 
 def case_illegal_address(out: Path, quick: bool) -> dict[str, Any]:
@@ -203,12 +227,14 @@ def case_pull(out: Path, nbytes: int) -> dict[str, Any]:
     return {"pair": label, "bytes": again.nbytes, "copy_s": again.copy_seconds, "total_s": again.seconds,
             "first_total_s": first.seconds, "pull_copy_GBps": bw_copy / 1e9, "pull_verified_GBps": bw_total / 1e9,
             "plain_d2d_GBps": baseline / 1e9, "copy_fraction_of_d2d": bw_copy / baseline,
-            "verified_fraction_of_d2d": bw_total / baseline, "path": again.path}
+            "verified_fraction_of_d2d": bw_total / baseline, "path": again.path,
+            "checksum_path": again.path.partition("checksums: ")[2]}
 
 
 def case_step_overhead(out: Path, quick: bool) -> dict[str, Any]:
     steps = ["--steps", "30" if quick else "100", "--warmup", "10" if quick else "20"]
     results: dict[str, list[float]] = {"plain": [], "proxy": [], "proxy-alloc": []}
+    marker: dict[str, list[float]] = {"proxy": [], "proxy-alloc": []}
     params = 0
     rounds = 1 if quick else 2
     with _proxy(out, "steptime", 0, 16 * GIB) as p:
@@ -218,10 +244,14 @@ def case_step_overhead(out: Path, quick: bool) -> dict[str, Any]:
                 _, lines = _worker(["steptime", *steps, *sock, "--mode", mode], 600)
                 r = _result(lines)
                 results[mode].append(r["median_s"])
+                if mode in marker:
+                    marker[mode].append(r["marker_median_s"])
                 params = r["params"]
     med = {m: statistics.fmean(v) for m, v in results.items()}
+    mark = {m: statistics.fmean(v) for m, v in marker.items()}
     return {"params": params, "step_s": med, "overhead_adopt": med["proxy"] / med["plain"],
-            "overhead_alloc": med["proxy-alloc"] / med["plain"], "raw": results}
+            "overhead_alloc": med["proxy-alloc"] / med["plain"], "marker_s_per_step": mark,
+            "marker_fraction_of_step": mark["proxy"] / med["plain"], "raw": results, "raw_marker": marker}
 
 
 def main() -> int:
@@ -244,6 +274,7 @@ def main() -> int:
     report: dict[str, Any] = {"versions": info}
     failures: list[str] = []
     cases = [
+        ("checksum_paths", lambda: case_checksum(out, args.quick)),
         ("illegal_address", lambda: case_illegal_address(out, args.quick)),
         ("attach_1GiB", lambda: case_attach(out, GIB, "1GiB")),
         ("attach_big", lambda: case_attach(out, (2 * GIB) if args.quick else big, "big")),
@@ -260,6 +291,7 @@ def main() -> int:
             failures.append(f"{name}: {exc}")
             report[name] = {"error": str(exc)}
             print(f"[FAILED] {name}: {exc}", flush=True)
+    report["workers"] = WORKERS
     (out / "proxy_bench.json").write_text(json.dumps(report, indent=2, default=str))
     if _STATE_ROOT:  # keep the proxies' own logs with the results, drop their sockets and arenas' logs
         import shutil
@@ -269,6 +301,13 @@ def main() -> int:
         shutil.rmtree(_STATE_ROOT[0], ignore_errors=True)
     print()
     print(f"{'case':<22} {'result'}")
+    r = report["checksum_paths"]
+    if "error" not in r:
+        nc = r["numba-cuda"]
+        nc_text = (f"equal {nc['equal']} ({nc['seconds'] * 1e3:.1f} ms)" if "error" not in nc
+                   else f"UNAVAILABLE ({nc['error'][:160]})")
+        print(f"{'checksum paths':<22} {r['nbytes'] / (1 << 20):.0f} MiB on the GPU vs host ({r['host_path']}): "
+              f"torch equal {r['torch']['equal']} ({r['torch']['seconds'] * 1e3:.1f} ms), numba-cuda {nc_text}")
     if "error" not in report["illegal_address"]:
         r = report["illegal_address"]
         print(f"{'illegal address':<22} re-attached at step {r['reattach_step']} in {r['attach_s'] * 1e3:.2f} ms, "
@@ -284,12 +323,16 @@ def main() -> int:
         print(f"{'peer pull':<22} {r['pair']}: {r['bytes'] / GIB:.1f} GiB copy {r['pull_copy_GBps']:.1f} GB/s = "
               f"{r['copy_fraction_of_d2d']:.2f} of plain d2d ({r['plain_d2d_GBps']:.1f} GB/s); with checksum "
               f"verification {r['pull_verified_GBps']:.1f} GB/s = {r['verified_fraction_of_d2d']:.2f}; {r['path']}")
+        print(f"{'pull checksum path':<22} {r['checksum_path']}")
     r = report["step_overhead"]
     if "error" not in r:
         s = r["step_s"]
         print(f"{'step time':<22} {r['params'] / 1e6:.0f}M params: plain {s['plain'] * 1e3:.2f} ms, adopted "
               f"{s['proxy'] * 1e3:.2f} ms (x{r['overhead_adopt']:.4f}), all allocations in arena "
               f"{s['proxy-alloc'] * 1e3:.2f} ms (x{r['overhead_alloc']:.4f})")
+        mk = r["marker_s_per_step"]
+        print(f"{'step markers':<22} begin_update + commit per step: adopted {mk['proxy'] * 1e6:.1f} us, "
+              f"arena allocator {mk['proxy-alloc'] * 1e6:.1f} us ({r['marker_fraction_of_step'] * 100:.3f}% of a step)")
     print(f"full results: {out / 'proxy_bench.json'}")
     if failures:
         print("FAILED: " + "; ".join(failures), file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 import threading
 import time
@@ -18,7 +19,7 @@ from typing import TypeVar
 
 from mnemosyne.core.env import MNEMOSYNE_JOB_ID, MNEMOSYNE_PROXY_SOCKET, MNEMOSYNE_TOKEN, env_str
 from mnemosyne.core.errors import ConfigError, ProtocolError
-from mnemosyne.proxy._generated.messages import Error, Map, MapReply, Message, Space, Welcome
+from mnemosyne.proxy._generated.messages import Error, Map, MapReply, Markers, Message, Space, Welcome
 from mnemosyne.proxy._generated.stubs import ClientStub
 from mnemosyne.proxy._wire import PeerClosed, recv_frame, send_frame
 from mnemosyne.proxy.errors import ProxyUnavailableError, error_from_code
@@ -80,6 +81,7 @@ class ProxyClient(ClientStub):
         self._lock = threading.Lock()
         self._next_id = 1
         self._fds: list[int] = []
+        self._poller: select.poll | None = None
         self.sock = self._connect(connect_timeout)
         try:
             job = job if job is not None else env_str(MNEMOSYNE_JOB_ID, "") or ""
@@ -125,7 +127,8 @@ class ProxyClient(ClientStub):
             what = type(request).__name__
             try:
                 send_frame(self.sock, request, rid)
-                reply, got_id, fds = recv_frame(self.sock, want_fds=self.is_unix and isinstance(request, Map))
+                want_fds = self.is_unix and isinstance(request, (Map, Markers))
+                reply, got_id, fds = recv_frame(self.sock, want_fds=want_fds)
             except PeerClosed as exc:
                 msg = (f"the device proxy at {self.address} is gone ({exc}) while {what} was outstanding; "
                        "the state it held is lost unless a restarted proxy pulls it from a peer")
@@ -157,6 +160,31 @@ class ProxyClient(ClientStub):
             msg = f"proxy sent {len(fds)} descriptors for {len(reply.spaces)} memory spaces"
             raise ProtocolError(msg)
         return list(zip(reply.spaces, fds, strict=True))
+
+    def map_markers(self) -> int:
+        """Ask for the marker page; return its descriptor (the caller owns it)."""
+        if not self.is_unix:
+            msg = "the marker page can only be passed over the proxy's Unix socket, not over TCP"
+            raise ConfigError(msg)
+        self.markers()
+        fds, self._fds = self._fds, []
+        if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            msg = f"proxy sent {len(fds)} descriptors for the marker page, expected 1"
+            raise ProtocolError(msg)
+        return fds[0]
+
+    def closed_by_proxy(self) -> bool:
+        """Whether the proxy closed this connection (one non-blocking ``poll``, no round trip).
+
+        The proxy never sends anything unasked, so a readable socket between requests means
+        it hung up (or died).
+        """
+        if self._poller is None:
+            self._poller = select.poll()
+            self._poller.register(self.sock, select.POLLIN | select.POLLPRI)
+        return bool(self._poller.poll(0))
 
     def call_with_timeout(self, timeout: float) -> _TimeoutScope:
         """Context manager that sets a longer reply timeout (e.g. around a pull)."""

@@ -6,17 +6,22 @@ when :mod:`mnemosyne.proxy` is imported.
 ``attach()`` maps the proxy's memory (host: the memory file at the address the previous
 trainer used; cuda: the VMM allocation at the reserved virtual address) and returns every
 named tensor as a view into it, with the commit status the proxy derived from its log.
-``tensor(name)`` is a dict lookup. ``begin_update``/``commit`` are one round trip each on the
-Unix socket, logged by the proxy; nothing is copied.
+``tensor(name)`` is a dict lookup. ``begin_update``/``commit`` write a marker word to the
+proxy's marker page (:mod:`mnemosyne.proxy.markers`): no round trip, no system call but one
+non-blocking ``poll`` that notices a dead proxy; the proxy records the markers into its log
+when it reads the page. Nothing is copied.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
+import os
 import queue
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +29,8 @@ from mnemosyne.core.errors import ConfigError, StateError
 from mnemosyne.core.state import AttachResult, CommitStatus, TensorMeta
 from mnemosyne.proxy._generated.messages import Entry, PullReply, Space
 from mnemosyne.proxy.client import ProxyClient
+from mnemosyne.proxy.errors import ProxyUnavailableError
+from mnemosyne.proxy.markers import MarkerPage
 from mnemosyne.proxy.table import STATUS_CODES
 
 __all__ = ["Committer", "MappedSpace", "ProxyAttachResult", "ProxyStateHolder", "torch_dtype"]
@@ -88,25 +95,32 @@ class MappedSpace:
 
 
 class Committer:
-    """Sends ``commit(step)`` once the device has finished the step's update.
+    """Marks a step committed once the device has finished the step's update.
 
-    On a GPU, ``optimizer.step()`` returns when its kernels are queued, not done; logging the
+    On a GPU, ``optimizer.step()`` returns when its kernels are queued, not done; marking the
     commit then would let a crash leave a half-applied update marked as committed. The
-    committer records an event after the update and a thread sends the commit when the event
-    completes, so the trainer never waits for the GPU. ``begin_update`` of the next step first
-    waits for that commit (by then the GPU has usually long finished). A failure (a dead proxy)
-    is re-raised by the next call.
+    committer records an event after the update and a thread marks the commit (writes the
+    marker page) when the event completes, so the trainer never waits for the GPU: the next
+    ``begin_update`` does not wait either (until the commit lands the proxy reads the state as
+    torn, which is the conservative answer). A failure is re-raised by the next call.
+
+    The thread is stopped and joined by :meth:`close`, and at interpreter exit for committers
+    that were not closed: a daemon thread still inside a CUDA call when the interpreter
+    finalizes is killed in C++ code and aborts the process ("terminate called without an
+    active exception").
 
     Args:
-        send: Sends the commit of one step (``ProxyClient.commit``).
+        send: Marks one item committed (the marker page's ``commit``, or ``ProxyClient.commit``).
     """
 
     def __init__(self, send: Any) -> None:
         self._send = send
-        self._queue: queue.Queue[tuple[int, Any] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[Any, Any] | None] = queue.Queue()
         self._error: BaseException | None = None
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="mnemosyne-proxy-committer", daemon=True)
         self._thread.start()
+        _LIVE_COMMITTERS.add(self)
 
     def _run(self) -> None:
         while True:
@@ -114,22 +128,27 @@ class Committer:
             try:
                 if item is None:
                     return
-                step, event = item
+                what, event = item
+                item = None
                 if self._error is None:
                     event.synchronize()  # releases the GIL while the device finishes the update
-                    self._send(step)
+                    self._send(what)
+                del event  # the CUDA event is destroyed here, before the next wait
             except BaseException as exc:  # kept for the trainer's thread to raise
                 self._error = exc
             finally:
                 self._queue.task_done()
 
-    def submit(self, step: int, event: Any) -> None:
-        """Commit ``step`` once ``event`` (anything with ``synchronize()``) has completed."""
+    def submit(self, what: Any, event: Any) -> None:
+        """Mark ``what`` committed once ``event`` (anything with ``synchronize()``) has completed."""
         self.raise_error()
-        self._queue.put((step, event))
+        if self._closed:
+            msg = "the committer is closed"
+            raise StateError(msg)
+        self._queue.put((what, event))
 
     def wait(self) -> None:
-        """Block until every submitted commit is sent; raise a failure it met."""
+        """Block until every submitted commit is marked; raise a failure it met."""
         self._queue.join()
         self.raise_error()
 
@@ -139,10 +158,25 @@ class Committer:
             err, self._error = self._error, None
             raise err
 
-    def close(self) -> None:
-        """Stop the thread after pending commits."""
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop the thread after pending commits and join it."""
+        if self._closed:
+            return
+        self._closed = True
+        _LIVE_COMMITTERS.discard(self)
         self._queue.put(None)
-        self._thread.join(timeout=60)
+        self._thread.join(timeout=timeout)
+        if self._thread.is_alive():
+            logger.warning("the commit thread did not stop within %.0f s (the device may be hung)", timeout)
+
+
+_LIVE_COMMITTERS: weakref.WeakSet[Committer] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_committers() -> None:
+    for c in list(_LIVE_COMMITTERS):
+        c.close(timeout=30.0)
 
 
 class ProxyStateHolder:
@@ -164,6 +198,10 @@ class ProxyStateHolder:
         self._meta: dict[str, TensorMeta] = {}
         self._handles: dict[str, int] = {}
         self._committer: Committer | None = None
+        self._page: MarkerPage | None = None
+        self._pending: tuple[int, int] | None = None  # (step, marker word) of the open update
+        #: Seconds spent in begin_update and commit (the per-step marker cost, for benchmarks).
+        self.marker_seconds = 0.0
 
     # ---- StateHolder ---------------------------------------------------------------------
     def attach(self) -> ProxyAttachResult:
@@ -210,27 +248,58 @@ class ProxyStateHolder:
         return self._meta[name]
 
     def begin_update(self, step: int) -> None:
-        """Mark the start of step ``step``'s in-place update (one logged round trip)."""
-        self.flush()
-        self.client.begin_update(step)
+        """Mark the start of step ``step``'s in-place update (a store to the marker page).
+
+        Raises:
+            ProxyUnavailableError: The proxy is gone (its connection closed).
+        """
+        t0 = time.perf_counter()
+        page = self._marker_page()
+        if self.client.closed_by_proxy():
+            msg = (f"the device proxy at {self.client.address} is gone (it closed the connection) at "
+                   f"BeginUpdate of step {step}; the state it held is lost unless a restarted proxy pulls "
+                   "it from a peer")
+            raise ProxyUnavailableError(msg)
+        if self._committer is not None:
+            self._committer.raise_error()
+        self._pending = (step, page.begin(step))
+        self.marker_seconds += time.perf_counter() - t0
 
     def commit(self, step: int) -> None:
-        """Mark step ``step``'s update complete (one logged round trip).
+        """Mark step ``step``'s update complete (a store to the marker page).
 
-        On a cuda arena the commit is sent by a thread once the device has finished the work
-        queued so far on the current stream (see :class:`Committer`); :meth:`flush` waits for it.
+        On a cuda arena the marker is written by a thread once the device has finished the
+        work queued so far on the current stream (see :class:`Committer`); :meth:`flush`
+        waits for it.
+
+        Raises:
+            StateError: No ``begin_update(step)`` is open.
         """
+        t0 = time.perf_counter()
+        page = self._marker_page()
+        if self._pending is None or self._pending[0] != step:
+            msg = (f"commit({step}) without a matching begin_update (pending update: "
+                   f"{-1 if self._pending is None else self._pending[0]})")
+            raise StateError(msg)
+        word = self._pending[1]
+        self._pending = None
         if self._committer is None:
-            self.client.commit(step)
-            return
-        import torch
+            page.commit(word)
+        else:
+            import torch
 
-        event = torch.cuda.Event()
-        event.record()
-        self._committer.submit(step, event)
+            event = torch.cuda.Event()
+            event.record()
+            self._committer.submit(word, event)
+        self.marker_seconds += time.perf_counter() - t0
+
+    @property
+    def markers(self) -> MarkerPage | None:
+        """The proxy's marker page as mapped here (None before attach)."""
+        return self._page
 
     def flush(self) -> None:
-        """Wait until every commit is logged by the proxy."""
+        """Wait until every commit is marked on the page."""
         if self._committer is not None:
             self._committer.wait()
 
@@ -249,22 +318,35 @@ class ProxyStateHolder:
         self.flush()
         with self.client.call_with_timeout(timeout):
             reply = self.client.pull(peer, token or "")
+        self._pending = None  # the proxy set the marker page to the pulled step
         for e in self.client.table().entries:
             if e.name and e.name not in self._tensors:
                 self._add(e)
         return reply
 
-    def close(self) -> None:
-        """Unmap and disconnect; the proxy keeps the memory. Tensors from this holder must not be used after."""
-        if self._committer is not None:
-            self.flush()
-            self._committer.close()
-            self._committer = None
-        self._tensors.clear()
-        for m in self.spaces:
-            m.release()
-        self.spaces.clear()
-        self.client.close()
+    def close(self, unmap: bool = True) -> None:
+        """Mark pending commits, stop the commit thread, unmap and disconnect; the proxy keeps the memory.
+
+        Tensors from this holder must not be used after. With ``unmap=False`` the memory stays
+        mapped (for a process whose CUDA allocator lives in the arena and frees at exit).
+        """
+        try:
+            if self._committer is not None:
+                try:
+                    self.flush()
+                finally:
+                    self._committer.close()
+                    self._committer = None
+        finally:
+            if self._page is not None:
+                self._page.close()
+                self._page = None
+            self._tensors.clear()
+            if unmap:
+                for m in self.spaces:
+                    m.release()
+                self.spaces.clear()
+            self.client.close()
 
     # ---- helpers -------------------------------------------------------------------------
     def map(self) -> list[MappedSpace]:
@@ -273,7 +355,19 @@ class ProxyStateHolder:
             self._map_all()
         return self.spaces
 
+    def _marker_page(self) -> MarkerPage:
+        if self._page is None:
+            msg = "attach() before begin_update()/commit()"
+            raise StateError(msg)
+        return self._page
+
     def _map_all(self) -> None:
+        if self._page is None:
+            fd = self.client.map_markers()
+            try:
+                self._page = MarkerPage(fd)
+            finally:
+                os.close(fd)  # the mapping holds its own reference
         for space, fd in self.client.map_spaces():
             if space.kind == "host":
                 self.spaces.append(_map_host(space, fd))
@@ -285,7 +379,7 @@ class ProxyStateHolder:
                 msg = f"unknown memory space kind {space.kind!r}"
                 raise ConfigError(msg)
         if any(m.space.kind == "cuda" for m in self.spaces):
-            self._committer = Committer(self.client.commit)
+            self._committer = Committer(self._page.commit)
 
     def _space_for(self, device: Any) -> int:
         import torch

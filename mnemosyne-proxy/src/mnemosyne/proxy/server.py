@@ -9,7 +9,12 @@ untouched.
 
 Every state-changing request is handled by computing its log record, appending it (one
 write) and applying it to the table, then replying (see
-:class:`~mnemosyne.proxy._generated.stubs.ServerDispatch`).
+:class:`~mnemosyne.proxy._generated.stubs.ServerDispatch`). A trainer's per-step
+``begin_update``/``commit`` markers do not come over the socket: the trainer writes them to
+the proxy's marker page (:mod:`mnemosyne.proxy.markers`) and the proxy records them into the
+log whenever it reads the page (:meth:`ProxyServer.sync_markers`): before answering a status,
+table, checksum, pull, allocate, free or name request, when a connection closes (a trainer
+that dies closes its connection) and at shutdown.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ from mnemosyne.proxy._generated.messages import (
     Hello,
     Map,
     MapReply,
+    Markers,
+    MarkersReply,
     Message,
     Name,
     Ok,
@@ -70,6 +77,7 @@ from mnemosyne.proxy._wire import PeerClosed, recv_frame, send_frame
 from mnemosyne.proxy.arena import Arena, load_arena
 from mnemosyne.proxy.errors import ProxyError, error_code
 from mnemosyne.proxy.journal import Journal
+from mnemosyne.proxy.markers import PAGE_SIZE, MarkerPage, pack, unpack
 from mnemosyne.proxy.table import HandleTable
 
 __all__ = ["COMPACT_EVERY", "ROLES", "ProxyServer"]
@@ -132,6 +140,9 @@ class ProxyServer(ServerDispatch):
         self._listeners: list[socket.socket] = []
         self._stop = False
         self.peer_address: str | None = None
+        self.markers: MarkerPage | None = None
+        self._markers_fd = -1
+        self._marks_seen = (0, 0)
 
     # ---- lifecycle -----------------------------------------------------------------------
     def _load_token(self, token: str | None) -> str:
@@ -159,6 +170,8 @@ class ProxyServer(ServerDispatch):
         # Compact: the replayed history becomes one snapshot, then this generation opens.
         self.journal.rewrite([self.table.snapshot()] if self.table.entries or n else [])
         self._log(RecOpen(self.table.generation + 1, self.arena_name, self.device, [s.capacity for s in spaces]))
+        self.markers, self._markers_fd = MarkerPage.create()
+        self.reset_markers()
         logger.info("proxy generation %d: %s arena, %d space(s) %s, %d log record(s) replayed in %.3f s, status %s",
                     self.table.generation, self.arena_name, len(spaces), [s.capacity for s in spaces], n,
                     time.perf_counter() - t0, self.table.status.value)
@@ -219,7 +232,13 @@ class ProxyServer(ServerDispatch):
         self._stop = True
 
     def close(self) -> None:
-        """Close every socket, the log and the arena."""
+        """Record the last markers, close every socket, the log, the marker page and the arena."""
+        if self.markers is not None:
+            with contextlib.suppress(Exception):  # a corrupt table must not keep the proxy from stopping
+                self.sync_markers()
+            self.markers.close()
+            os.close(self._markers_fd)
+            self.markers = None
         for key in list(self._sel.get_map().values()):
             key.fileobj.close()  # type: ignore[union-attr]
         self._sel.close()
@@ -252,6 +271,8 @@ class ProxyServer(ServerDispatch):
     def _drop(self, conn: _Conn) -> None:
         self._sel.unregister(conn.sock)
         conn.sock.close()
+        if conn.role == "trainer":  # it may have died: record where its markers stand
+            self.sync_markers()
 
     def _serve_one(self, conn: _Conn) -> None:
         try:
@@ -316,6 +337,54 @@ class ProxyServer(ServerDispatch):
         self.append_record(record)
         self.apply_record(record)
 
+    # ---- the marker page -----------------------------------------------------------------
+    def sync_markers(self) -> None:
+        """Record into the log what the trainer marked on the page since the last look.
+
+        A new commit word is logged as ``RecCommit``; a begin word that differs from the
+        commit word (an update is open, or the commit is still pending on the device) as
+        ``RecBegin``: TORN. ``begin(k+1)`` written while ``commit(k)`` is still pending reads as
+        TORN (update ``k+1``): conservative, since the page cannot tell whether step ``k``
+        finished.
+        """
+        if self.markers is None:
+            return
+        b, c = self.markers.read()
+        seen_b, seen_c = self._marks_seen
+        if (b, c) == (seen_b, seen_c):
+            return
+        self._marks_seen = (b, c)
+        if c != seen_c:
+            self._log(RecCommit(unpack(c)[1]))
+        if b != c:
+            self._log(RecBegin(unpack(b)[1]))
+
+    def reset_markers(self) -> None:
+        """Write the log's status onto the page (only while no trainer writes markers)."""
+        if self.markers is None:
+            return
+        b, c = self.markers.read()
+        ordinal = max(unpack(b)[0], unpack(c)[0]) + 1
+        st = self.table.status_reply()
+        step = st.step if 0 <= st.step < (1 << 32) - 1 else -1
+        commit = pack(ordinal, step)
+        begin = commit
+        if st.update_step >= 0:  # an update is open: the page must read torn too
+            begin = pack(ordinal + 1, st.update_step if st.update_step < (1 << 32) - 1 else -1)
+        self.markers.set(begin, commit)
+        self._marks_seen = (begin, commit)
+
+    def dispatch(self, request: Message, ctx: Any) -> Message:
+        """Handle one request; afterwards put the page in line with the log where the log moved on."""
+        if not isinstance(request, (BeginUpdate, Commit, Pull)):
+            return super().dispatch(request, ctx)
+        try:
+            return super().dispatch(request, ctx)
+        finally:
+            # A socket begin/commit or a pull changed the status without the page; the caller
+            # is the trainer itself (blocked in this request), so nobody writes the page now.
+            self.reset_markers()
+
     # ---- handlers ------------------------------------------------------------------------
     def _arena(self) -> Arena:
         if self.arena is None:
@@ -353,6 +422,17 @@ class ProxyServer(ServerDispatch):
                   for i, s in enumerate(arena.spaces)]
         return MapReply(spaces)
 
+    def handle_markers(self, request: Markers, ctx: Any) -> MarkersReply:
+        """Hand out the marker page (a new trainer: record the old one's markers, then reset)."""
+        conn: _Conn = ctx
+        if not conn.unix or self.markers is None:
+            msg = "the marker page can only be passed over the Unix socket of a running proxy"
+            raise ConfigError(msg)
+        self.sync_markers()
+        self.reset_markers()
+        conn.fds_out = [os.dup(self._markers_fd)]
+        return MarkersReply(PAGE_SIZE)
+
     def handle_set_base(self, request: SetBase, ctx: Any) -> tuple[Ok, RecBase | None]:
         """Remember where a client mapped a space."""
         if not 0 <= request.space < len(self.table.capacities):
@@ -364,6 +444,7 @@ class ProxyServer(ServerDispatch):
 
     def handle_allocate(self, request: Allocate, ctx: Any) -> tuple[AllocateReply, RecAlloc | None]:
         """Find the named entry or plan a new one."""
+        self.sync_markers()  # whether an update is open decides what a new state tensor means
         if request.name:
             found = self.table.lookup(request.name)
             if found is not None:
@@ -380,6 +461,7 @@ class ProxyServer(ServerDispatch):
 
     def handle_free(self, request: Free, ctx: Any) -> tuple[Ok, RecFree | None]:
         """Release an allocation."""
+        self.sync_markers()
         if request.handle not in self.table.entries:
             msg = f"handle {request.handle} is not allocated"
             raise StateError(msg)
@@ -387,6 +469,7 @@ class ProxyServer(ServerDispatch):
 
     def handle_name(self, request: Name, ctx: Any) -> tuple[Ok, RecName | None]:
         """Name an anonymous allocation."""
+        self.sync_markers()
         entry = self.table.entries.get(request.handle)
         if entry is None or entry.name or not request.name or request.name in self.table.by_name:
             msg = f"cannot name handle {request.handle} {request.name!r}: unknown handle, already named, or name taken"
@@ -395,14 +478,18 @@ class ProxyServer(ServerDispatch):
 
     def handle_table(self, request: Table, ctx: Any) -> TableReply:
         """The whole table."""
+        self.sync_markers()
         return TableReply(self.table.status_reply(), sorted(self.table.entries.values(), key=lambda e: e.handle))
 
     def handle_begin_update(self, request: BeginUpdate, ctx: Any) -> tuple[Ok, RecBegin | None]:
         """Mark the start of an in-place update."""
+        self.sync_markers()
+        pack(0, request.step)  # raises for a step the marker page could not hold
         return Ok(), RecBegin(request.step)
 
     def handle_commit(self, request: Commit, ctx: Any) -> tuple[Ok, RecCommit | None]:
         """Mark a completed update."""
+        self.sync_markers()
         pending = self.table.status_reply().update_step
         if pending != request.step:
             msg = f"commit({request.step}) without a matching begin_update (pending update: {pending})"
@@ -411,10 +498,12 @@ class ProxyServer(ServerDispatch):
 
     def handle_status(self, request: Status, ctx: Any) -> StatusReply:
         """The commit status."""
+        self.sync_markers()
         return self.table.status_reply()
 
     def handle_checksum(self, request: Checksum, ctx: Any) -> ChecksumReply:
         """Checksum allocations where they live."""
+        self.sync_markers()
         arena = self._arena()
         sums = []
         for h in request.handles:
@@ -439,6 +528,7 @@ class ProxyServer(ServerDispatch):
         """Fill the arena from a peer proxy (see :mod:`mnemosyne.proxy.pull`)."""
         from mnemosyne.proxy.pull import pull_from_peer
 
+        self.sync_markers()
         reply = pull_from_peer(self, request.peer, request.token or self.token)
         return reply, RecRestore(reply.step, request.peer)
 

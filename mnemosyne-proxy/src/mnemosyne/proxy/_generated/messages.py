@@ -395,6 +395,26 @@ class PullReply:
 
 
 @dataclass
+class MarkersReply:
+    """The marker page (see mnemosyne.proxy.markers); its file descriptor rides along."""
+
+    MSG_ID: ClassVar[int] = 11
+    KIND: ClassVar[str] = "reply"
+    size: int = 0
+
+    def encode_into(self, out: bytearray) -> None:
+        """Append this value's encoding."""
+        out += _S_I.pack(self.size)
+
+    @classmethod
+    def decode_from(cls, buf: memoryview, pos: int) -> tuple[MarkersReply, int]:
+        """Decode one value at ``pos``; return it and the position after it."""
+        (size,) = _S_I.unpack_from(buf, pos)
+        pos += _S_I.size
+        return cls(size), pos
+
+
+@dataclass
 class Hello:
     """First message on a connection: the per-job token and who is asking (role: trainer, peer, admin)."""
 
@@ -556,7 +576,7 @@ class Table:
 
 @dataclass
 class BeginUpdate:
-    """The in-place update of step `step` starts now."""
+    """The in-place update of step `step` starts now (trainers write it to the marker page instead)."""
 
     MSG_ID: ClassVar[int] = 27
     KIND: ClassVar[str] = "request"
@@ -576,7 +596,7 @@ class BeginUpdate:
 
 @dataclass
 class Commit:
-    """Step `step`'s update is complete; the state is consistent."""
+    """Step `step`'s update is complete; the state is consistent (trainers write it to the marker page instead)."""
 
     MSG_ID: ClassVar[int] = 28
     KIND: ClassVar[str] = "request"
@@ -687,6 +707,23 @@ class Shutdown:
 
     @classmethod
     def decode_from(cls, buf: memoryview, pos: int) -> tuple[Shutdown, int]:
+        """Decode one value at ``pos``; return it and the position after it."""
+        return cls(), pos
+
+
+@dataclass
+class Markers:
+    """Ask for the marker page, where the trainer writes begin/commit markers without a round trip (Unix socket only)."""
+
+    MSG_ID: ClassVar[int] = 34
+    KIND: ClassVar[str] = "request"
+
+    def encode_into(self, out: bytearray) -> None:
+        """Append this value's encoding."""
+        del out
+
+    @classmethod
+    def decode_from(cls, buf: memoryview, pos: int) -> tuple[Markers, int]:
         """Decode one value at ``pos``; return it and the position after it."""
         return cls(), pos
 
@@ -928,7 +965,7 @@ class RecSnapshot:
         return cls(status, next_handle, capacities, bases, entries), pos
 
 
-Message = Ok | Error | Welcome | MapReply | AllocateReply | StatusReply | TableReply | ChecksumReply | ReadReply | PullReply | Hello | Map | SetBase | Allocate | Free | Name | Table | BeginUpdate | Commit | Status | Checksum | Read | Pull | Shutdown | RecOpen | RecBase | RecAlloc | RecFree | RecName | RecBegin | RecCommit | RecRestore | RecPullStart | RecSnapshot
+Message = Ok | Error | Welcome | MapReply | AllocateReply | StatusReply | TableReply | ChecksumReply | ReadReply | PullReply | MarkersReply | Hello | Map | SetBase | Allocate | Free | Name | Table | BeginUpdate | Commit | Status | Checksum | Read | Pull | Shutdown | Markers | RecOpen | RecBase | RecAlloc | RecFree | RecName | RecBegin | RecCommit | RecRestore | RecPullStart | RecSnapshot
 
 #: Every message class by id.
 MESSAGES: dict[int, type[Message]] = {
@@ -942,6 +979,7 @@ MESSAGES: dict[int, type[Message]] = {
     ChecksumReply.MSG_ID: ChecksumReply,
     ReadReply.MSG_ID: ReadReply,
     PullReply.MSG_ID: PullReply,
+    MarkersReply.MSG_ID: MarkersReply,
     Hello.MSG_ID: Hello,
     Map.MSG_ID: Map,
     SetBase.MSG_ID: SetBase,
@@ -956,6 +994,7 @@ MESSAGES: dict[int, type[Message]] = {
     Read.MSG_ID: Read,
     Pull.MSG_ID: Pull,
     Shutdown.MSG_ID: Shutdown,
+    Markers.MSG_ID: Markers,
     RecOpen.MSG_ID: RecOpen,
     RecBase.MSG_ID: RecBase,
     RecAlloc.MSG_ID: RecAlloc,
@@ -1052,6 +1091,8 @@ __all__ = [
     "MESSAGES",
     "Map",
     "MapReply",
+    "Markers",
+    "MarkersReply",
     "Message",
     "Name",
     "Ok",

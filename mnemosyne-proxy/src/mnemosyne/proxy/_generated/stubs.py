@@ -18,6 +18,8 @@ from mnemosyne.proxy._generated.messages import (
     Hello,
     Map,
     MapReply,
+    Markers,
+    MarkersReply,
     Message,
     Name,
     Ok,
@@ -61,6 +63,7 @@ REQUESTS: dict[int, type[Message]] = {
     Read.MSG_ID: Read,
     Pull.MSG_ID: Pull,
     Shutdown.MSG_ID: Shutdown,
+    Markers.MSG_ID: Markers,
 }
 #: Log record class of each state-changing request, by request id.
 RECORDS: dict[int, type[Message]] = {
@@ -110,11 +113,11 @@ class ClientStub:
         return self._call(Table(), TableReply)
 
     def begin_update(self, step: int) -> Ok:
-        """The in-place update of step `step` starts now."""
+        """The in-place update of step `step` starts now (trainers write it to the marker page instead)."""
         return self._call(BeginUpdate(step), Ok)
 
     def commit(self, step: int) -> Ok:
-        """Step `step`'s update is complete; the state is consistent."""
+        """Step `step`'s update is complete; the state is consistent (trainers write it to the marker page instead)."""
         return self._call(Commit(step), Ok)
 
     def status(self) -> StatusReply:
@@ -136,6 +139,10 @@ class ClientStub:
     def shutdown(self) -> Ok:
         """Stop the proxy (its memory is released; the log stays)."""
         return self._call(Shutdown(), Ok)
+
+    def markers(self) -> MarkersReply:
+        """Ask for the marker page, where the trainer writes begin/commit markers without a round trip (Unix socket only)."""
+        return self._call(Markers(), MarkersReply)
 
 
 class ServerDispatch:
@@ -213,6 +220,8 @@ class ServerDispatch:
             return reply_pull
         elif isinstance(request, Shutdown):
             return self.handle_shutdown(request, ctx)
+        elif isinstance(request, Markers):
+            return self.handle_markers(request, ctx)
         text = f"{type(request).__name__} is not a request"
         raise ProtocolError(text)
 
@@ -245,11 +254,11 @@ class ServerDispatch:
         raise NotImplementedError
 
     def handle_begin_update(self, request: BeginUpdate, ctx: Any) -> tuple[Ok, RecBegin | None]:
-        """Handle BeginUpdate: The in-place update of step `step` starts now."""
+        """Handle BeginUpdate: The in-place update of step `step` starts now (trainers write it to the marker page instead)."""
         raise NotImplementedError
 
     def handle_commit(self, request: Commit, ctx: Any) -> tuple[Ok, RecCommit | None]:
-        """Handle Commit: Step `step`'s update is complete; the state is consistent."""
+        """Handle Commit: Step `step`'s update is complete; the state is consistent (trainers write it to the marker page instead)."""
         raise NotImplementedError
 
     def handle_status(self, request: Status, ctx: Any) -> StatusReply:
@@ -270,4 +279,8 @@ class ServerDispatch:
 
     def handle_shutdown(self, request: Shutdown, ctx: Any) -> Ok:
         """Handle Shutdown: Stop the proxy (its memory is released; the log stays)."""
+        raise NotImplementedError
+
+    def handle_markers(self, request: Markers, ctx: Any) -> MarkersReply:
+        """Handle Markers: Ask for the marker page, where the trainer writes begin/commit markers without a round trip (Unix socket only)."""
         raise NotImplementedError

@@ -9,8 +9,11 @@ same device addresses. The physical memory belongs to the proxy: a trainer that 
 including of a sticky CUDA error that poisons its own context, takes none of it along.
 
 A small host space (memfd, as in the host arena) holds CPU-side state such as an optimizer's
-step counters. Checksums of device memory run as a numba CUDA kernel computing the same
-function as :mod:`mnemosyne.proxy.checksum`.
+step counters. Checksums of device memory run as a numba-cuda kernel computing the same
+function as :mod:`mnemosyne.proxy.checksum`; when numba-cuda cannot be imported or compile
+(any exception), as torch ops on the device (:func:`~mnemosyne.proxy.checksum.checksum_torch`,
+same value), and only if that fails too, through host copies. :attr:`CudaArena.checksum_path`
+says which ran (``numba-cuda ...`` or ``torch ...``).
 
 Needs ``cuda-python`` (``cuda.bindings``) and ``numba-cuda``:
 ``pip install "mnemosyne-proxy[cuda]"``.
@@ -27,10 +30,10 @@ import numpy as np
 from mnemosyne.core.errors import ConfigError, MissingDependencyError
 from mnemosyne.proxy.arena import Arena, PeerMapping, SpaceInfo
 from mnemosyne.proxy.arena.host import HostArena, HostPeerMapping
-from mnemosyne.proxy.checksum import _M1, _M2, _MASK, GOLDEN, checksum_bytes, mix64
+from mnemosyne.proxy.checksum import _M1, _M2, _MASK, GOLDEN, checksum_bytes, checksum_torch, host_path, mix64
 from mnemosyne.proxy.errors import ProxyError
 
-__all__ = ["CudaArena", "CudaPeerMapping", "cuda_checksum", "driver", "map_cuda_space"]
+__all__ = ["CudaArena", "CudaPeerMapping", "cuda_checksum", "driver", "map_cuda_space", "torch_device_checksum"]
 
 _INSTALL = 'pip install "mnemosyne-proxy[cuda]"'
 
@@ -175,6 +178,26 @@ def cuda_checksum(ptr: int, nbytes: int) -> int:
     return mix64(nbytes ^ total)
 
 
+def torch_device_checksum(ptr: int, nbytes: int, device: int) -> int:
+    """Checksum of device memory at ``ptr`` with torch ops on the device (no copy of the data)."""
+    import torch
+
+    if nbytes == 0:
+        return checksum_torch(torch.empty(0, dtype=torch.uint8))
+    buf = torch.as_tensor(_CudaMemory(ptr, nbytes), device=f"cuda:{device}")
+    if buf.data_ptr() != ptr:
+        msg = f"torch did not wrap the arena in place ({buf.data_ptr():#x} != {ptr:#x})"
+        raise ProxyError(msg)
+    with torch.cuda.device(device):
+        value = checksum_torch(buf)
+        torch.cuda.synchronize(device)
+    return value
+
+
+#: Device checksum implementations, in the order they are tried.
+DEVICE_PATHS = ("numba-cuda", "torch", "host")
+
+
 class CudaPeerMapping(PeerMapping):
     """A same-node peer's device memory (and host space) mapped into this proxy."""
 
@@ -217,7 +240,9 @@ class CudaArena(Arena):
         self.handle = _check(drv.cuMemCreate(size, prop, 0), f"cuMemCreate({size} bytes on device {device})")
         self.ptr = _map(self.handle, size, device)
         self.host = HostArena(max(host_capacity, 4096))
-        self._kernel_ok = True
+        self._path = 0  # index into DEVICE_PATHS: the first one that works
+        self._why: list[str] = []
+        self.checksum_path = "numba-cuda kernel (device)"
         _check(drv.cuMemsetD8(self.ptr, 0, size), "cuMemsetD8")  # fresh memory reads as zeros, like memfd
         _check(drv.cuCtxSynchronize(), "cuCtxSynchronize")
 
@@ -239,20 +264,33 @@ class CudaArena(Arena):
             raise ConfigError(msg)
         return space == 0
 
-    checksum_path = "numba CUDA kernel (device)"
-
     def checksum(self, space: int, offset: int, nbytes: int) -> int:
-        """A CUDA kernel on device memory, numba njit on the host space."""
+        """A numba-cuda kernel (else torch ops) on device memory, numba njit on the host space.
+
+        A failure of numba-cuda of any kind (import, compile, launch) switches this arena to
+        torch for good, and a failure of torch to host copies; the value is the same either
+        way, and :attr:`checksum_path` says which ran.
+        """
         if not self._dev(space, offset, nbytes):
             return checksum_bytes(self.host.view[offset : offset + nbytes])
-        if self._kernel_ok:
+        while True:
+            path = DEVICE_PATHS[self._path]
             try:
-                return cuda_checksum(self.ptr + offset, nbytes)
-            except Exception as exc:  # numba-cuda missing or refusing VMM memory: say so, stay correct
-                self._kernel_ok = False
-                self.checksum_path = f"host fallback: device copy + numba njit (CUDA kernel failed: {exc!r:.200})"
-                logger.warning("CUDA checksum kernel failed, checksumming through host copies: %r", exc)
-        return checksum_bytes(np.frombuffer(self.read(0, offset, nbytes), dtype=np.uint8))
+                if path == "numba-cuda":
+                    return cuda_checksum(self.ptr + offset, nbytes)
+                if path == "torch":
+                    return torch_device_checksum(self.ptr + offset, nbytes, self.device)
+                return checksum_bytes(np.frombuffer(self.read(0, offset, nbytes), dtype=np.uint8))
+            except Exception as exc:
+                if path == "host":
+                    raise
+                self._why.append(f"{path} failed: {type(exc).__name__}: {exc}"[:300])
+                logger.warning("device checksum path %s failed, trying %s: %r", path, DEVICE_PATHS[self._path + 1],
+                               exc)
+                self._path += 1
+                nxt = DEVICE_PATHS[self._path]
+                what = "torch ops (device)" if nxt == "torch" else f"host copies + {host_path()}"
+                self.checksum_path = f"{what}; {'; '.join(self._why)}"
 
     def read(self, space: int, offset: int, nbytes: int) -> bytes:
         """Copy bytes out to the host."""

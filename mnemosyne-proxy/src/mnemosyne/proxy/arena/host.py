@@ -17,7 +17,7 @@ import numpy as np
 
 from mnemosyne.core.errors import ConfigError
 from mnemosyne.proxy.arena import Arena, PeerMapping, SpaceInfo
-from mnemosyne.proxy.checksum import checksum_bytes
+from mnemosyne.proxy.checksum import checksum_bytes, host_path
 
 __all__ = ["HostArena", "HostPeerMapping"]
 
@@ -73,9 +73,11 @@ class HostArena(Arena):
             raise ConfigError(msg)
 
     def checksum(self, space: int, offset: int, nbytes: int) -> int:
-        """Checksum with numba njit."""
+        """Checksum with numba njit (numpy when numba fails)."""
         self._check(space, offset, nbytes)
-        return checksum_bytes(self.view[offset : offset + nbytes])
+        value = checksum_bytes(self.view[offset : offset + nbytes])
+        self.checksum_path = f"{host_path()} (host)"
+        return value
 
     def read(self, space: int, offset: int, nbytes: int) -> bytes:
         """Copy bytes out."""

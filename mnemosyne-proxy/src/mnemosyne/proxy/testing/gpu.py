@@ -7,10 +7,17 @@ Each mode runs in its own process and prints one JSON line (``{"result": ...}``)
     python -m mnemosyne.proxy.testing.gpu fill     --socket S --bytes B
     python -m mnemosyne.proxy.testing.gpu attach   --socket S
     python -m mnemosyne.proxy.testing.gpu steptime --mode plain|proxy|proxy-alloc [--socket S]
+    python -m mnemosyne.proxy.testing.gpu checksum [--bytes B]
 
-``train --fault-step K`` commits step K-1, then launches a kernel that writes far outside a
-valid buffer during step K's forward: the CUDA context gets a sticky illegal-address error
-and the process dies with it, while the proxy (another process and context) keeps the state.
+``train --fault-step K`` commits step K-1, then launches a torch kernel that writes far
+outside a valid buffer during step K's forward: the CUDA context gets a sticky
+illegal-address error and the process dies with it, while the proxy (another process and
+context) keeps the state. ``checksum`` computes the device checksum of random device memory
+with the numba-cuda kernel and with torch ops and compares both with the host definition.
+
+Every mode closes its holder before it returns (pending commits marked, the commit thread
+joined, the memory unmapped): a thread left inside a CUDA call at interpreter exit aborts the
+process.
 """
 
 from __future__ import annotations
@@ -58,15 +65,22 @@ def _batch(torch: Any, step: int, width: int = 1024, batch: int = 256) -> tuple[
 
 
 def _illegal_address(torch: Any) -> None:
-    """Write far past the end of a valid device buffer from a numba kernel (no bounds checks)."""
-    from numba import cuda
+    """Write to unmapped device memory with a torch kernel (torch and the driver only, no numba).
 
-    @cuda.jit  # type: ignore[untyped-decorator]
-    def poke(arr: Any, index: Any) -> None:  # pragma: no cover - GPU
-        arr[index] = 1.0
+    torch checks view bounds against the size an object declares, not against what is
+    mapped: a tensor over a valid pointer that claims to be huge lets ``fill_`` write to an
+    address inside a reserved-but-unmapped virtual range (or, if the reservation lies below
+    the buffer, 4 TiB past it), which the GPU reports as an illegal address.
+    """
+    from mnemosyne.proxy.arena.cuda import _check, _CudaMemory, _granularity, driver
 
     buf = torch.zeros(16, device="cuda")
-    poke[1, 1](cuda.as_cuda_array(buf), 1 << 40)
+    ptr = buf.data_ptr()
+    gran = _granularity(torch.cuda.current_device())
+    hole = int(_check(driver().cuMemAddressReserve(gran, gran, 0, 0), "cuMemAddressReserve"))
+    target = hole if hole > ptr else ptr + (1 << 42)
+    wild = torch.as_tensor(_CudaMemory(ptr, target - ptr + 4096), device="cuda")
+    wild[target - ptr : target - ptr + 4096].fill_(1)
     try:
         torch.cuda.synchronize()  # raises: an illegal memory access was encountered
     except Exception as exc:
@@ -120,9 +134,9 @@ def _train(args: argparse.Namespace, use_proxy: bool) -> None:
             holder.commit(step)
         opt.zero_grad()
     torch.cuda.synchronize()
-    if holder is not None:
-        holder.flush()
     torch.save(_final(model, opt), args.out)
+    if holder is not None:
+        holder.close(unmap=False)  # the model's tensors still point into the arena
     _say(result="done", start=start)
 
 
@@ -139,8 +153,10 @@ def _fill(args: argparse.Namespace) -> None:
         t = holder.allocate(f"model/t{i}", "float32", (_TENSOR_BYTES // 4,), "cuda")
         t.fill_(float(i))
         n += t.numel() * 4
+    del t
     torch.cuda.synchronize()
     holder.commit(0)
+    holder.close()
     _say(result="filled", nbytes=n)
 
 
@@ -156,13 +172,17 @@ def _attach(args: argparse.Namespace) -> None:
     res = holder.attach()
     seconds = time.perf_counter() - t0
     nbytes = sum(m.nbytes for m in res.meta.values())
+    t = None
     for name, t in list(res.tensors.items())[:3] + list(res.tensors.items())[-2:]:
         want = float(name.removeprefix("model/t"))
         if not bool((t[:1024] == want).all()) or not bool((t[-1024:] == want).all()):
             msg = f"{name} does not hold its value after re-attach"
             raise SystemExit(msg)
-    _say(result="attached", seconds=seconds, nbytes=nbytes, status=res.status.value,
-         same_address=res.same_address, tensors=len(res.tensors))
+    status, same, count = res.status.value, res.same_address, len(res.tensors)
+    del res, t
+    torch.cuda.synchronize()
+    holder.close()
+    _say(result="attached", seconds=seconds, nbytes=nbytes, status=status, same_address=same, tensors=count)
 
 
 def _steptime(args: argparse.Namespace) -> None:
@@ -182,10 +202,12 @@ def _steptime(args: argparse.Namespace) -> None:
 
         adopt(model, opt, holder, on_torn="reinit")
     times = []
+    marks = []  # seconds per step spent in begin_update + commit (the trainer's marker cost)
     x, y = _batch(torch, 0, args.width, args.batch)
     for step in range(1, args.warmup + args.steps + 1):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
+        m0 = holder.marker_seconds if holder is not None else 0.0
         loss = torch.nn.functional.mse_loss(model(x), y)
         loss.backward()
         if holder is not None:
@@ -197,15 +219,51 @@ def _steptime(args: argparse.Namespace) -> None:
         torch.cuda.synchronize()
         if step > args.warmup:
             times.append(time.perf_counter() - t0)
+            marks.append(holder.marker_seconds - m0 if holder is not None else 0.0)
+    if holder is not None:
+        holder.flush()
+        st = holder.status()
+        if st[0].value != "committed" or st[1] != args.warmup + args.steps:
+            msg = f"after {args.warmup + args.steps} steps the proxy reports {st}"
+            raise SystemExit(msg)
     params = sum(p.numel() for p in model.parameters())
+    if holder is not None:  # the allocator (proxy-alloc) and the model still use the arena: no unmap
+        holder.close(unmap=False)
     _say(result="steptime", mode=args.mode, median_s=statistics.median(times), mean_s=statistics.fmean(times),
-         params=params, steps=len(times))
+         params=params, steps=len(times), marker_median_s=statistics.median(marks), marker_max_s=max(marks))
+
+
+def _checksum(args: argparse.Namespace) -> None:
+    """Both device checksum paths against the host definition, on the same random device bytes."""
+    import numpy as np
+    import torch
+
+    from mnemosyne.proxy.arena.cuda import cuda_checksum, torch_device_checksum
+    from mnemosyne.proxy.checksum import checksum_bytes, host_path
+
+    torch.manual_seed(0)
+    nbytes = args.bytes + 5  # a partial last word too
+    buf = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device="cuda")
+    want = checksum_bytes(np.ascontiguousarray(buf.cpu().numpy()))
+    out: dict[str, Any] = {"nbytes": nbytes, "host": want, "host_path": host_path()}
+    for name, fn in (("torch", torch_device_checksum), ("numba-cuda", None)):
+        t0 = time.perf_counter()
+        try:
+            if fn is None:
+                value = cuda_checksum(buf.data_ptr(), nbytes)
+            else:
+                value = fn(buf.data_ptr(), nbytes, buf.device.index)
+            torch.cuda.synchronize()
+            out[name] = {"equal": value == want, "seconds": time.perf_counter() - t0}
+        except Exception as exc:
+            out[name] = {"error": f"{type(exc).__name__}: {exc}"[:400]}
+    _say(result="checksum", **out)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one worker mode."""
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["train", "plain", "fill", "attach", "steptime"])
+    p.add_argument("mode", choices=["train", "plain", "fill", "attach", "steptime", "checksum"])
     p.add_argument("--socket", default=None)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=10)
@@ -230,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         _train(args, use_proxy=False)
     elif args.mode == "fill":
         _fill(args)
+    elif args.mode == "checksum":
+        _checksum(args)
     else:
         _attach(args)
     return 0

@@ -5,8 +5,9 @@ For the recovery tests. Run as a process::
     python -m mnemosyne.proxy.testing.trainer --socket S --steps 8 --out final.pt [--peer ADDR]
 
 Faults come from ``MNEMOSYNE_INJECT`` (``step=5,phase=forward,kind=kill``): phases are
-``forward``, ``backward``, ``update-begin`` (right after ``begin_update``) and ``update-end``
-(after ``optimizer.step()`` mutated the state, before ``commit``); kinds are ``kill``
+``forward``, ``backward``, ``update-begin`` (right after ``begin_update``), ``update-end``
+(after ``optimizer.step()`` mutated the state, before ``commit``) and ``committed`` (right
+after ``commit``); kinds are ``kill``
 (SIGKILL itself) and ``hang`` (write ``$MNEMOSYNE_TEST_MARK`` and wait, at most 60 s, for
 ``$MNEMOSYNE_TEST_MARK.go``). It prints one JSON line per notable event on stdout and writes
 its final parameters and optimizer state to ``--out`` (``torch.save`` of plain tensors).
@@ -133,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             _fault(plan, step, "update-end")
             if holder is not None:
                 holder.commit(step)
+            _fault(plan, step, "committed")
             opt.zero_grad()
     except ProxyUnavailableError as exc:
         _say(event="proxy-gone", error=str(exc))
