@@ -52,7 +52,7 @@ def test_adopt_fresh_then_reattach_without_copy_and_layout_check(pair):
     a, _ = pair
     m, opt = _model()
     h = ProxyStateHolder(a.socket, token="t", job="job")
-    res = adopt(m, opt, h)
+    res = adopt(m, opt, h, grads=True)
     assert (res.status, res.step, res.resumed) == (CommitStatus.COMMITTED, 0, False)
     m(torch.ones(2, 8)).sum().backward()
     grad_ptr = m.weight.grad.data_ptr()
@@ -66,7 +66,7 @@ def test_adopt_fresh_then_reattach_without_copy_and_layout_check(pair):
     # a "restarted trainer": fresh model, re-attached state, no copy
     m2, opt2 = _model()
     h2 = ProxyStateHolder(a.socket, token="t", job="job")
-    res = adopt(m2, opt2, h2)
+    res = adopt(m2, opt2, h2, grads=True)
     assert (res.status, res.step, res.resumed) == (CommitStatus.COMMITTED, 1, True)
     assert torch.equal(m2.weight.data, want["w"]) and torch.equal(opt2.state[m2.weight]["momentum_buffer"], want["mom"])
     assert m2.weight.data_ptr() == h2.tensor("model/weight").data_ptr()
@@ -129,3 +129,17 @@ def test_mnemo_proxy_command_is_registered():
     assert "proxy" not in broken
     args = parser.parse_args(["proxy", "--state-dir", "/tmp/x", "--size", "2G"])
     assert args.size == "2G" and callable(args.func)
+
+
+def test_adopt_leaves_gradients_to_torch_by_default(pair):
+    a, _ = pair
+    m, opt = _model()
+    h = ProxyStateHolder(a.socket, token="t", job="job")
+    adopt(m, opt, h)
+    assert "scratch/grad/weight" not in h.attach().tensors
+    m(torch.ones(2, 8)).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    assert m.weight.grad is None  # torch's default set_to_none=True is left alone
+    assert m.weight.data_ptr() == h.tensor("model/weight").data_ptr()
+    h.close()
