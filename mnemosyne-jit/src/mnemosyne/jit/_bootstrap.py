@@ -1,0 +1,84 @@
+"""Entry point of every process the agent starts: ``python -m mnemosyne.jit._bootstrap``.
+
+A trainer runs the user's script (``script.py args`` or ``-m module args``) as
+``__main__`` right away. A pre-warmed spare (``--spare-id N``) first imports torch and
+initialises the device, reports ready in the store, and waits for the agent to assign it
+a rank; it then runs the script exactly as a trainer would, minus the import time.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import json
+import os
+import runpy
+import sys
+import time
+
+__all__ = ["main"]
+
+
+def _run_user(cmd: list[str]) -> None:
+    if not cmd:
+        sys.exit("mnemosyne.jit._bootstrap: no training script given")
+    if cmd[0] == "-m":
+        sys.argv = [cmd[1], *cmd[2:]]
+        runpy.run_module(cmd[1], run_name="__main__", alter_sys=True)
+    else:
+        script = os.path.abspath(cmd[0])
+        sys.argv = [cmd[0], *cmd[1:]]
+        sys.path.insert(0, os.path.dirname(script))
+        runpy.run_path(script, run_name="__main__")
+
+
+def _wait_assignment(spare_id: int) -> None:
+    import torch  # the import is what a spare is kept warm for
+
+    if torch.cuda.is_available():
+        torch.cuda.init()
+    from mnemosyne.core.env import (
+        MNEMOSYNE_EPOCH,
+        MNEMOSYNE_JOB_ID,
+        MNEMOSYNE_LOCAL_RANK,
+        MNEMOSYNE_RANK,
+        MNEMOSYNE_SPARE,
+        MNEMOSYNE_STORE_ADDR,
+        MNEMOSYNE_WORLD_SIZE,
+    )
+
+    from mnemosyne.jit import _keys, runtime  # noqa: F401  (warm the runtime's imports too)
+    from mnemosyne.jit._store import connect_store
+
+    store = connect_store(os.environ[MNEMOSYNE_STORE_ADDR]).prefixed(os.environ[MNEMOSYNE_JOB_ID])
+    store.set(_keys.spare_ready(spare_id), str(os.getpid()).encode())
+    while True:
+        if store.check([_keys.spare_assign(spare_id)]):
+            body = json.loads(store.get(_keys.spare_assign(spare_id)))
+            break
+        if store.check([_keys.spare_stop(spare_id)]):
+            sys.exit(0)
+        time.sleep(0.005)
+    os.environ[MNEMOSYNE_RANK] = str(body["rank"])
+    os.environ[MNEMOSYNE_LOCAL_RANK] = str(body["local_rank"])
+    os.environ[MNEMOSYNE_EPOCH] = str(body["epoch"])
+    os.environ[MNEMOSYNE_WORLD_SIZE] = str(body["world_size"])
+    os.environ.pop(MNEMOSYNE_SPARE, None)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run a trainer or a spare (see module doc)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    faulthandler.enable()
+    spare_id = None
+    if args[:1] == ["--spare-id"]:
+        spare_id = int(args[1])
+        args = args[2:]
+    if args[:1] == ["--"]:
+        args = args[1:]
+    if spare_id is not None:
+        _wait_assignment(spare_id)
+    _run_user(args)
+
+
+if __name__ == "__main__":
+    main()
