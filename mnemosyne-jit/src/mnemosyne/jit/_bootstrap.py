@@ -8,12 +8,14 @@ a rank; it then runs the script exactly as a trainer would, minus the import tim
 
 from __future__ import annotations
 
+import atexit
 import faulthandler
 import json
 import os
 import runpy
 import sys
 import time
+import traceback
 
 __all__ = ["main"]
 
@@ -31,11 +33,27 @@ def _run_user(cmd: list[str]) -> None:
         runpy.run_path(script, run_name="__main__")
 
 
-def _wait_assignment(spare_id: int) -> None:
-    import torch  # the import is what a spare is kept warm for
+def _warm_up() -> None:
+    """Pay, ahead of time, what a replacement would pay after the failure.
+
+    Importing torch is the largest part; torch also imports big modules lazily on first
+    use (the optimizer constructor imports torch._dynamo, seconds on a loaded host), so
+    a tiny model takes one optimizer step here.
+    """
+    import torch
+    import torch.distributed
+    import torch.utils.data  # noqa: F401
 
     if torch.cuda.is_available():
         torch.cuda.init()
+    w = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(w.parameters())
+    w(torch.ones(2, 4)).sum().backward()
+    opt.step()
+
+
+def _wait_assignment(spare_id: int) -> None:
+    _warm_up()
     from mnemosyne.core.env import (
         MNEMOSYNE_EPOCH,
         MNEMOSYNE_JOB_ID,
@@ -77,7 +95,23 @@ def main(argv: list[str] | None = None) -> None:
         args = args[1:]
     if spare_id is not None:
         _wait_assignment(spare_id)
-    _run_user(args)
+    code = 0
+    try:
+        _run_user(args)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if not isinstance(exc.code, int) and exc.code is not None:
+            print(exc.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    # The script is over. Run its atexit handlers, then leave without the interpreter's
+    # teardown: it only destroys objects, took seconds on a loaded host, and would
+    # block on communicators parked with abandoned operations (see _comm).
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -311,6 +311,9 @@ class Agent:
                 if now - st.started_at > self.config.startup_timeout:
                     self._kill_hung(st, f"no heartbeat {self.config.startup_timeout:.0f} s after start")
                 continue
+            if hb.get("phase") == "closed":
+                st.phase = "closed"
+                continue  # training is over for this rank; only its exit is awaited
             if hb["seq"] != st.hb_seq:
                 st.hb_seq = hb["seq"]
                 st.hb_changed = now

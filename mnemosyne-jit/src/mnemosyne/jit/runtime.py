@@ -475,6 +475,11 @@ class Job:
         self.log.emit(EventKind.INFO, "trainer_done", committed=self.committed, recoveries=self.recoveries)
         self.watchdog.stop()
         self.watchdog.join(timeout=2.0)
+        self._set_pos(self.next_step, "closed", coll=True)
+        try:
+            self.watchdog.beat()  # last heartbeat: the agent stops watching this rank for hangs
+        except MnemosyneError:
+            pass
         for h in self._hooks:
             h.remove()
         self.log.close()
