@@ -68,7 +68,7 @@ from mnemosyne.jit._recovery import NO_STATE, agree, transfer, wait_key
 from mnemosyne.jit._store import connect_store
 from mnemosyne.jit._watchdog import Watchdog
 from mnemosyne.jit.data import DataCursor
-from mnemosyne.jit.inject import Injector, parse_plans
+from mnemosyne.jit.inject import InjectedFault, Injector, parse_plans
 
 __all__ = ["EXIT_EXCEPTION", "Job", "Step", "init"]
 
@@ -419,7 +419,10 @@ class Job:
                     plan = agree(self.store, epoch, self.rank, ranks, committed, self._started,
                                  self._interrupt, self.timeout)
                     t.fields.update(top=plan.top, donors=plan.donors, receivers=plan.receivers)
-                self.injector.maybe_fire(plan.resume_step, "recovery")
+                try:
+                    self.injector.maybe_fire(plan.resume_step, "recovery")
+                except InjectedFault as exc:
+                    self._die_of_exception(self._started, exc)
                 with phase(self.log, "transfer", first=first) as t:
                     received, nbytes = transfer(self._comm, self.store, epoch, self.rank, plan, self.device,
                                                 self._state, self._interrupt, self.timeout)
