@@ -111,7 +111,7 @@ class AgentConfig:
     spares: int = 0
     hang_timeout: float | None = None
     hang_floor: float = 5.0
-    liveness_timeout: float = 3.0
+    liveness_timeout: float = 5.0
     startup_timeout: float = 300.0
     max_restarts: int = 10
     event_log: str | None = None

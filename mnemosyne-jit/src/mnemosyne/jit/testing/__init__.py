@@ -75,7 +75,9 @@ def launch(out: Path, *, nproc: int = 4, spares: int = 1, steps: int = 8, inject
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
         text = output.decode(errors="replace")
-        msg = f"job did not finish within {timeout} s; output tail:\n{text[-4000:]}"
+        log = out / "events.jsonl"
+        tail = [e.to_json() for e in read_events(log, strict=False)[-60:]] if log.exists() else []
+        msg = f"job did not finish within {timeout} s; output tail:\n{text[-3000:]}\nlast events:\n" + "\n".join(tail)
         raise TimeoutError(msg) from None
     log = out / "events.jsonl"
     events = read_events(log, strict=False) if log.exists() else []
