@@ -88,12 +88,12 @@ def run_baseline(work: Path, a: argparse.Namespace) -> dict:
                    and e.fields["step"] == resume_step]
     t_resumed = min(first_steps)
     phases = {
-        "detect+teardown+spawn": restart_start - fault,
-        "import+rendezvous": ready["rendezvous"] - restart_start,
-        "build": ready["build"] - ready["rendezvous"],
+        "detect+teardown+spawn+import torch": restart_start - fault,
+        "rendezvous": ready["rendezvous"] - restart_start,
+        "build model+DDP": ready["build"] - ready["rendezvous"],
         "load checkpoint": ready["load"] - ready["build"],
-        "resume": t_resumed - ready["load"],
-        "redo steps": t_back - t_resumed,
+        "resume (to first redone step)": max(0.0, t_resumed - ready["load"]),
+        "redo steps": t_back - max(t_resumed, ready["load"]),
     }
     steps = [e.duration_s for e in ev if e.kind == EventKind.STEP and e.ts < fault and e.fields["step"] >= 2]
     ckpt = [e.duration_s for e in ev if e.kind == EventKind.PHASE and e.name == "checkpoint"]
