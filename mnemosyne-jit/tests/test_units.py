@@ -54,7 +54,7 @@ def test_stripes_balance_and_pack_roundtrip():
         for idxs in pack_plan(specs, owner, donor):
             buf = pack([ts[i] for i in idxs], torch.device("cpu"))
             out = unpack(buf, [specs[i] for i in idxs], torch.device("cpu"))
-            for i, t in zip(idxs, out):
+            for i, t in zip(idxs, out, strict=True):
                 assert t.dtype == ts[i].dtype and torch.equal(t, ts[i])
 
 
@@ -141,7 +141,7 @@ def test_gradsync_averages_with_a_fixed_layout():
         t.join(30)
     assert not errors, errors
     assert results[0] == results[1] >= 2  # several buckets, same layout on both ranks
-    for p0, p1 in zip(models[0].parameters(), models[1].parameters()):
+    for p0, p1 in zip(models[0].parameters(), models[1].parameters(), strict=True):
         assert torch.equal(p0.grad, p1.grad)
         assert torch.all(p0.grad == 1.5)
 

@@ -42,7 +42,7 @@ def _warm_up() -> None:
     """
     import torch
     import torch.distributed
-    import torch.utils.data  # noqa: F401
+    import torch.utils.data
 
     if torch.cuda.is_available():
         torch.cuda.init()
@@ -63,7 +63,6 @@ def _wait_assignment(spare_id: int) -> None:
         MNEMOSYNE_STORE_ADDR,
         MNEMOSYNE_WORLD_SIZE,
     )
-
     from mnemosyne.jit import _keys, runtime  # noqa: F401  (warm the runtime's imports too)
     from mnemosyne.jit._store import connect_store
 

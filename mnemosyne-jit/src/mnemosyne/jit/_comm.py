@@ -26,7 +26,6 @@ from typing import Any
 from mnemosyne.core.comm import CommBackend, Communicator, ReduceOp
 from mnemosyne.core.errors import CommAborted, CommError, PeerFailureError
 from mnemosyne.core.store import PrefixStore, Store
-
 from mnemosyne.jit import _keys
 from mnemosyne.jit._store import TorchStore
 
@@ -327,8 +326,8 @@ class TorchBackend(CommBackend):
                 msg = f"rendezvous of epoch {epoch}: only {store.add(key, 0)} of {size} members arrived in {timeout} s"
                 raise CommError(msg)
             time.sleep(0.002)
-        pg_store = dist.PrefixStore(f"{prefix}/{_keys.comm_prefix(epoch)}" if prefix else _keys.comm_prefix(epoch),
-                                    ts.clone().torch_store)
+        pg_prefix = f"{prefix}/{_keys.comm_prefix(epoch)}" if prefix else _keys.comm_prefix(epoch)
+        pg_store = dist.PrefixStore(pg_prefix, ts.clone().torch_store)  # type: ignore[attr-defined,arg-type]
         box: dict[str, Any] = {}
         built = threading.Event()
 

@@ -25,7 +25,6 @@ import torch
 
 from mnemosyne.core.errors import CommAborted, RecoveryError, StoreTimeout
 from mnemosyne.core.store import Store
-
 from mnemosyne.jit import _keys
 from mnemosyne.jit._state import (
     TensorSpec,
@@ -144,10 +143,10 @@ def transfer(comm: Any, store: Store, epoch: int, rank: int, plan: Agreement, de
             buf = torch.empty(n, dtype=torch.uint8, device=comm_device)
             comm.recv(buf, src, tag=tag)
             got += n
-            for i, t in zip(idxs, unpack(buf, [specs[i] for i in idxs], device)):
+            for i, t in zip(idxs, unpack(buf, [specs[i] for i in idxs], device), strict=True):
                 staging[i] = t
     missing = [i for i, t in enumerate(staging) if t is None]
     if missing:
         msg = f"state transfer of epoch {epoch}: tensors {missing[:5]} were assigned to no donor"
         raise RecoveryError(msg)
-    return unflatten(meta["skel"], staging), got
+    return unflatten(meta["skel"], [t for t in staging if t is not None]), got

@@ -142,7 +142,7 @@ def host_store(host: str = "127.0.0.1", port: int = 0) -> TorchStore:
     """Start a store server in this process (the launcher) and return a client over it."""
     import torch.distributed as dist
 
-    ts = dist.TCPStore(host, port, None, True, _DEFAULT_TIMEOUT, wait_for_workers=False)
+    ts = dist.TCPStore(host, port, None, True, _DEFAULT_TIMEOUT, wait_for_workers=False)  # type: ignore[attr-defined]
     return TorchStore(ts)
 
 
@@ -156,7 +156,8 @@ def connect_store(addr: str, timeout: float = 60.0) -> TorchStore:
 
     host, port = parse_addr(addr)
     try:
-        ts = dist.TCPStore(host, port, None, False, datetime.timedelta(seconds=timeout), wait_for_workers=False)
+        td = datetime.timedelta(seconds=timeout)
+        ts = dist.TCPStore(host, port, None, False, td, wait_for_workers=False)  # type: ignore[attr-defined]
     except RuntimeError as exc:
         msg = f"cannot connect to the job's store at {addr}: {exc}"
         raise StoreError(msg) from exc

@@ -25,7 +25,6 @@ from collections.abc import Callable
 from typing import Any
 
 from mnemosyne.core.errors import MnemosyneError
-
 from mnemosyne.jit import _keys
 from mnemosyne.jit._store import TorchStore
 from mnemosyne.jit.inject import Injector, parse_plans

@@ -22,6 +22,7 @@ period; children also die with the agent (PR_SET_PDEATHSIG), so nothing is orpha
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
@@ -54,7 +55,6 @@ from mnemosyne.core.errors import ConfigError, MnemosyneError
 from mnemosyne.core.events import EventKind, EventLog
 from mnemosyne.core.membership import Membership
 from mnemosyne.core.store import Store
-
 from mnemosyne.jit import _keys
 from mnemosyne.jit._store import TorchStore, host_store
 
@@ -209,7 +209,7 @@ class Agent:
 
     def _popen(self, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         cmd = [sys.executable, "-m", "mnemosyne.jit._bootstrap", *args, "--", *self.config.command]
-        return subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)  # noqa: PLW1509
+        return subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
 
     def _start_trainer(self, rank: int, epoch: int) -> subprocess.Popen[bytes]:
         env = self._child_env({MNEMOSYNE_RANK: str(rank), MNEMOSYNE_LOCAL_RANK: str(rank),
@@ -229,7 +229,7 @@ class Agent:
         assert self.store is not None
         live = [s for s in self.spares if s.proc.poll() is None]
         ready = [s for s in live if self.store.check([_keys.spare_ready(s.spare_id)])]
-        pick = (ready or live or [None])[0]
+        pick = (ready or live)[0] if (ready or live) else None
         if pick is None:
             proc = self._start_trainer(rank, epoch)
             how = "new process"
@@ -335,10 +335,8 @@ class Agent:
         assert st.proc is not None
         st.hung = why
         self.log.emit(EventKind.INFO, "hang_suspected", target_rank=st.rank, pid=st.proc.pid, why=why)
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(st.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
     # ---------------------------------------------------------------- main loop
     def _on_signal(self, signum: int, _frame: Any) -> None:
@@ -426,10 +424,8 @@ class Agent:
         procs = [st.proc for st in self.ranks if st.proc is not None] + [s.proc for s in self.spares]
         if self.store is not None:
             for sp in self.spares:
-                try:
+                with contextlib.suppress(MnemosyneError):
                     self.store.set(_keys.spare_stop(sp.spare_id), b"1")
-                except MnemosyneError:
-                    pass
         for p in procs:
             if p.poll() is None:
                 try:

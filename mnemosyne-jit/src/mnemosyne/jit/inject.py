@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from mnemosyne.core.errors import ConfigError, MnemosyneError
 from mnemosyne.core.events import EventKind, EventLog, FaultKind
 from mnemosyne.core.store import Store
-
 from mnemosyne.jit import _keys
 
 __all__ = ["PHASES", "FaultPlan", "InjectedFault", "Injector", "parse_plans"]

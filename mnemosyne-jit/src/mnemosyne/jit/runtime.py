@@ -29,6 +29,7 @@ log) and the process exits with :data:`EXIT_EXCEPTION`; the agent replaces the r
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -60,7 +61,6 @@ from mnemosyne.core.events import EventKind, EventLog, phase
 from mnemosyne.core.log import ContextAdapter
 from mnemosyne.core.membership import Membership
 from mnemosyne.core.state import Stateful
-
 from mnemosyne.jit import _keys
 from mnemosyne.jit._comm import TorchBackend
 from mnemosyne.jit._gradsync import DEFAULT_BUCKET_BYTES, GradSync
@@ -166,8 +166,8 @@ class Job:
         self.store = self._root.prefixed(job_id)
         self.log = EventLog(env_str(MNEMOSYNE_EVENT_LOG), job_id, rank, start_epoch)
         self.logger = ContextAdapter(logger, job_id, rank, start_epoch)
-        first = p = next(iter(model.parameters()), None)
-        self.device = first.device if p is not None else torch.device("cpu")
+        first = next(iter(model.parameters()), None)
+        self.device = first.device if first is not None else torch.device("cpu")
         self._backend = TorchBackend("nccl" if self.device.type == "cuda" else "gloo")
         self._member = Membership.from_json(self.store.get(_keys.membership(start_epoch), timeout)).members.get(rank)
         self.epoch = start_epoch
@@ -253,9 +253,11 @@ class Job:
             self._die_of_exception(k, exc)
 
     def sync_gradients(self) -> None:
-        """Average gradients now (called by ``optimizer.step()``; call it earlier when
-        something between backward and the optimizer needs the averaged gradients, e.g. a
-        GradScaler or gradient clipping)."""
+        """Average gradients now (``optimizer.step()`` calls it when it was not called yet).
+
+        Call it yourself between backward and the optimizer when something there needs the
+        averaged gradients (gradient clipping, a GradScaler's unscale).
+        """
         k = self._started
         if self._synced == k:
             return
@@ -479,10 +481,8 @@ class Job:
         self.watchdog.stop()
         self.watchdog.join(timeout=2.0)
         self._set_pos(self.next_step, "closed", coll=True)
-        try:
+        with contextlib.suppress(MnemosyneError):
             self.watchdog.beat()  # last heartbeat: the agent stops watching this rank for hangs
-        except MnemosyneError:
-            pass
         for h in self._hooks:
             h.remove()
         self.log.close()

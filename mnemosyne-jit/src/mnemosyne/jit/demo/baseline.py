@@ -1,5 +1,7 @@
-"""The baseline users run today: plain DDP, a torch.distributed.checkpoint every K steps,
-and torchrun restarting every rank after a failure (used by tools/bench/recovery.py).
+r"""The baseline users run today: DDP, periodic DCP checkpoints, torchrun restarts.
+
+Plain DDP, a torch.distributed.checkpoint every K steps, and torchrun restarting every
+rank after a failure (used by tools/bench/recovery.py).
 
 Run under torchrun (with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``: torch 2.13's torchrun
 otherwise reuses the dead group's store and cannot restart a Gloo job)::
@@ -22,6 +24,7 @@ import random
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -72,8 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     if latest is not None:
         with phase(log, "load", step=latest[0]):
             msd, osd = get_state_dict(model, opt)
-            state = {"model": msd, "optim": osd}
-            dcp.load(state, checkpoint_id=str(latest[1]))
+            state: dict[str, Any] = {"model": msd, "optim": osd}
+            dcp.load(state, checkpoint_id=str(latest[1]))  # type: ignore[attr-defined]
             set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
             sched.load_state_dict(torch.load(latest[1] / f"sched-{rank}.pt", weights_only=True))
         start = latest[0] + 1
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
             path = ckpt_dir / f"step-{k}"
             with phase(log, "checkpoint", step=k):
                 msd, osd = get_state_dict(model, opt)
-                dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path))
+                dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path))  # type: ignore[attr-defined]
                 torch.save(sched.state_dict(), path / f"sched-{rank}.pt")
                 dist.barrier()
                 if rank == 0:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F  # noqa: N812
+from torch.nn import functional as F
 
 __all__ = ["GPT", "GPTConfig"]
 
@@ -54,7 +54,8 @@ class _Block(nn.Module):
         k = k.view(b, t, h, c // h).transpose(1, 2)
         v = v.view(b, t, h, c // h).transpose(1, 2)
         att = (q @ k.transpose(-2, -1)) / math.sqrt(c // h)
-        att = att.masked_fill(~self.mask[:t, :t], float("-inf")).softmax(dim=-1)
+        mask: torch.Tensor = self.mask  # type: ignore[assignment]
+        att = att.masked_fill(~mask[:t, :t], float("-inf")).softmax(dim=-1)
         y = (self.drop(att) @ v).transpose(1, 2).reshape(b, t, c)
         x = x + self.drop(self.proj(y))
         return x + self.drop(self.out(F.gelu(self.fc(self.ln2(x)))))

@@ -20,7 +20,6 @@ from typing import Any
 from mnemosyne.core.env import MNEMOSYNE_INJECT
 from mnemosyne.core.errors import MissingDependencyError
 from mnemosyne.core.events import EventKind, read_events
-
 from mnemosyne.jit.agent import Agent, AgentConfig
 from mnemosyne.jit.inject import FaultPlan
 from mnemosyne.jit.summary import summarize
@@ -118,7 +117,8 @@ def run_demo(args: argparse.Namespace) -> int:
         from rich.console import Console
         from rich.table import Table
     except ImportError as exc:
-        raise MissingDependencyError("rich (for the demo's view)", "pip install mnemosyne-cli") from exc
+        what = "rich (for the demo's view)"
+        raise MissingDependencyError(what, "pip install mnemosyne-cli") from exc
     import torch
 
     console = Console()

@@ -15,6 +15,7 @@ import argparse
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -46,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build(args: argparse.Namespace, device: torch.device) -> tuple[GPT, torch.optim.Optimizer, object, MarkovTokens]:
+def build(args: argparse.Namespace, device: torch.device) -> tuple[GPT, torch.optim.Optimizer, Any, MarkovTokens]:
     """Model, optimizer, LR scheduler and dataset, identical on every rank."""
     torch.manual_seed(args.seed)
     cfg = GPTConfig(vocab=args.vocab, block=args.block, layers=args.layers, heads=args.heads, dim=args.dim)

@@ -1,5 +1,7 @@
-"""Helpers to run and check recoverable jobs (used by this package's tests, the demo and
-the benchmark; documented so that users can write the same checks for their jobs).
+"""Helpers to run and check recoverable jobs.
+
+Used by this package's tests, the demo and the benchmark; documented so that users can
+write the same checks for their own jobs.
 
 * :func:`launch` runs ``mnemo launch`` on the demo training script in a subprocess with a
   hard timeout and returns what it left behind (:class:`JobRun`).
@@ -105,7 +107,8 @@ def _same(a: Any, b: Any) -> bool:
         if a.dtype != b.dtype or a.shape != b.shape:
             return False
         # Compare raw bytes: equal floats that differ in sign of zero or NaN payload count as different.
-        return torch.equal(a.detach().cpu().reshape(-1).view(torch.uint8), b.detach().cpu().reshape(-1).view(torch.uint8))
+        raw_a = a.detach().cpu().reshape(-1).view(torch.uint8)
+        return torch.equal(raw_a, b.detach().cpu().reshape(-1).view(torch.uint8))
     return type(a) is type(b) and a == b
 
 
