@@ -291,6 +291,10 @@ class Agent:
             return {"SIGKILL": "kill", "SIGSEGV": "segfault"}.get(name, name.lower()), detail
         return "exit", detail
 
+    def _all_done(self) -> bool:
+        assert self.store is not None
+        return self.store.check([_keys.done(r) for r in range(self.config.nproc)])
+
     def _progress_timeout(self) -> float:
         if self.hang_override is not None:
             return self.hang_override
@@ -394,7 +398,9 @@ class Agent:
                 rc = st.proc.poll()
                 if rc is None:
                     continue
-                if rc == 0:
+                if rc == 0 or self._all_done():
+                    # A rank that dies after every rank reported done is not replaced:
+                    # nobody needs its state any more.
                     st.finished = True
                     st.phase = "done"
                     continue
