@@ -57,8 +57,10 @@ def main() -> None:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-        if job.rank == 0 and step.index % 50 == 0:
-            print(f"step {step.index} loss {loss.item():.4f}", flush=True)
+            # Inside the block: code after it also runs for a step that failed and will be
+            # redone (then step.failed is True).
+            if job.rank == 0 and step.index % 50 == 0:
+                print(f"step {step.index} loss {loss.item():.4f}", flush=True)
 
     # Mnemosyne: stop the watchdog when training is over.
     job.close()
