@@ -20,6 +20,7 @@ import mnemosyne.jit as mj
 
 
 def main() -> None:
+    """Train a small regression model with in-place recovery."""
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch", type=int, default=32)

@@ -62,10 +62,14 @@ def main(argv: list[str] | None = None) -> None:
     rank = int(os.environ["RANK"])
     log = EventLog(known.events, "baseline", rank, restart)
     log.emit(EventKind.INFO, "trainer_start", restart=restart, process_start=t_start)
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
     with phase(log, "rendezvous"):
-        dist.init_process_group("gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     world = dist.get_world_size()
-    device = torch.device("cpu")
     with phase(log, "build"):
         model, opt, sched, data = build(args, device)
         ddp = DistributedDataParallel(model)
@@ -93,12 +97,14 @@ def main(argv: list[str] | None = None) -> None:
         if restart == 0 and rank == known.kill_rank and k == known.kill_step:
             log.emit(EventKind.FAULT, "kill", injected=True, step=k, phase="forward")
             os.kill(os.getpid(), signal.SIGKILL)
-        x, y = batch
+        x, y = (t.to(device) for t in batch)
         loss = ddp(x, y)
         loss.backward()
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         log.emit(EventKind.STEP, "step", time.perf_counter() - t0, step=k)
         if first and restart > 0:
             log.emit(EventKind.RECOVERED, "restarted", resume_step=start)
