@@ -118,8 +118,10 @@ def main(argv: list[str] | None = None) -> None:
                 dist.barrier()
                 if rank == 0:
                     (path / ".done").touch()
-    dist.destroy_process_group()
+    dist.barrier()
     log.close()
+    # No destroy_process_group(): it hung once in rank 0 on a loaded host after every rank
+    # had finished; the process exits and the group goes with it.
 
 
 if __name__ == "__main__":
