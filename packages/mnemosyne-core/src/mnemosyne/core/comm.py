@@ -72,7 +72,12 @@ class Communicator(Protocol):
 
     @property
     def ranks(self) -> Sequence[int]:
-        """Logical ranks of the members, sorted; ``ranks[i]`` is physical index ``i``."""
+        """Logical ranks of the members, sorted.
+
+        The transport's physical order may differ (NCCL's native grow appends newcomers);
+        implementations translate roots, peers and per-member lists, so callers only ever
+        use logical ranks.
+        """
         ...
 
     def all_reduce(self, tensor: Any, op: ReduceOp = ReduceOp.SUM) -> None:

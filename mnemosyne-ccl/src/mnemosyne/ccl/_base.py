@@ -1,0 +1,467 @@
+"""Transport-independent half of a flexible communicator (no torch here).
+
+It owns what every backend shares: the logical-to-physical rank map, the store layout
+(one prefix per tag and epoch, never reused), agreement on the member list, epoch
+fencing, the abort flag and the wait loop that turns a blocked collective into a prompt
+:class:`~mnemosyne.core.errors.CommAborted` / :class:`~mnemosyne.core.errors.PeerFailureError`.
+
+Store layout under the store given to ``create`` (normally the job's namespace)::
+
+    ccl/<tag>/epoch            highest epoch any member started building (fence)
+    ccl/<tag>/e<E>/members     JSON list of logical ranks in physical order
+    ccl/<tag>/e<E>/abort       reason text; any member or the agent may set it
+    ccl/<tag>/e<E>/pg/...      transport bootstrap keys (Gloo addresses, NCCL ids)
+    ccl/<tag>/e<E>/split<n>/<rank>  color and key of each member for split number n
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from mnemosyne.core.comm import Communicator, ReduceOp
+from mnemosyne.core.errors import (
+    CollectiveTimeout,
+    CommAborted,
+    CommError,
+    ConfigError,
+    PeerFailureError,
+    ProtocolError,
+    StaleEpochError,
+)
+from mnemosyne.core.store import Store
+
+__all__ = ["FlexCommunicator", "comm_prefix", "signal_abort"]
+
+logger = logging.getLogger(__name__)
+
+#: How often a blocked collective looks at the store's abort key (seconds).
+POLL_S = 0.05
+
+
+def comm_prefix(tag: str, epoch: int) -> str:
+    """Store prefix of communicator ``tag`` at ``epoch``."""
+    return f"ccl/{tag}/e{epoch}"
+
+
+def signal_abort(store: Store, epoch: int, reason: str, tag: str = "world") -> None:
+    """Abort every member of ``tag`` at ``epoch`` from outside (e.g. from the agent).
+
+    Members blocked in a collective raise :class:`PeerFailureError` within about
+    :data:`POLL_S` seconds; members building that epoch stop waiting for peers.
+    """
+    store.set(f"{comm_prefix(tag, epoch)}/abort", reason.encode() or b"aborted")
+
+
+def _check_ranks(name: str, ranks: Sequence[int]) -> tuple[int, ...]:
+    out = tuple(sorted({int(r) for r in ranks}))
+    if len(out) != len(ranks):
+        msg = f"{name}: duplicate ranks in {list(ranks)}"
+        raise ConfigError(msg)
+    if any(r < 0 for r in out):
+        msg = f"{name}: ranks must be >= 0, got {list(ranks)}"
+        raise ConfigError(msg)
+    return out
+
+
+def advance_epoch(store: Store, tag: str, epoch: int) -> None:
+    """Record that ``epoch`` of ``tag`` is being built; refuse an epoch older than the newest.
+
+    Raises:
+        StaleEpochError: A newer epoch of ``tag`` was already started.
+    """
+    key = f"ccl/{tag}/epoch"
+    mine = str(epoch).encode()
+    expected = b""
+    for _ in range(100):
+        stored = store.compare_set(key, expected, mine)
+        if stored == mine:
+            return
+        try:
+            current = int(stored)
+        except ValueError:
+            msg = f"store key {key!r} holds {stored[:40]!r}, expected an epoch number"
+            raise ProtocolError(msg) from None
+        if current > epoch:
+            msg = (f"communicator {tag!r}: epoch {epoch} is stale, epoch {current} was already started "
+                   "(a rebuild must name a newer epoch; a newcomer must join the survivors' grown epoch)")
+            raise StaleEpochError(msg)
+        expected = stored
+    msg = f"communicator {tag!r}: could not advance the epoch key to {epoch} (too much contention)"
+    raise CommError(msg)
+
+
+def agree_members(store: Store, tag: str, epoch: int, order: Sequence[int]) -> None:
+    """Publish the member list of ``epoch``, or check it against the one already published.
+
+    Raises:
+        ConfigError: Another member published a different list (after setting the
+            epoch's abort key, so that nobody waits for a group that cannot form).
+    """
+    prefix = comm_prefix(tag, epoch)
+    mine = json.dumps(list(order)).encode()
+    stored = store.compare_set(f"{prefix}/members", b"", mine)
+    if stored != mine:
+        reason = (f"membership disagreement for {tag!r} epoch {epoch}: this member expects ranks "
+                  f"{list(order)} (size {len(order)}), another published {stored.decode(errors='replace')}")
+        store.set(f"{prefix}/abort", reason.encode())
+        raise ConfigError(reason)
+
+
+def read_members(store: Store, tag: str, epoch: int, timeout: float) -> tuple[int, ...]:
+    """Wait for and return the member list the survivors published for ``epoch``."""
+    raw = store.get(f"{comm_prefix(tag, epoch)}/members", timeout)
+    try:
+        order = json.loads(raw)
+        if not isinstance(order, list) or not all(isinstance(r, int) for r in order):
+            bad = "not a list of ints"
+            raise ValueError(bad)
+    except ValueError as exc:
+        msg = f"member list of {tag!r} epoch {epoch} is malformed: {raw[:80]!r} ({exc})"
+        raise ProtocolError(msg) from None
+    return tuple(order)
+
+
+class FlexCommunicator(ABC):
+    """Base of the backends' communicators; implements :class:`~mnemosyne.core.comm.Communicator`.
+
+    Args:
+        store: The store given to ``create`` (the job's namespace); keys go under
+            ``ccl/<tag>/e<epoch>``.
+        tag: Name of this communicator family (``"world"``; splits get derived tags).
+        epoch: Membership epoch.
+        order: Logical ranks in physical order (physical index ``i`` holds ``order[i]``).
+        rank: This process's logical rank.
+        timeout: Seconds a collective or a rebuild may take before it fails.
+    """
+
+    backend_name = ""
+
+    def __init__(self, store: Store, tag: str, epoch: int, order: Sequence[int], rank: int, timeout: float) -> None:
+        self._store = store
+        self.tag = tag
+        self._epoch = epoch
+        self._order = tuple(order)
+        self._rank = rank
+        self.timeout = timeout
+        self._phys = {r: i for i, r in enumerate(self._order)}
+        if rank not in self._phys:
+            msg = f"rank {rank} is not a member of {tag!r} epoch {epoch} (members {sorted(self._order)})"
+            raise ConfigError(msg)
+        self._abort_reason: str | None = None
+        self._peer_failed = False
+        self._lock = threading.Lock()
+        self._wakeups: set[threading.Event] = set()
+        self._splits = 0
+        self._prefix = comm_prefix(tag, epoch)
+
+    # -- identity ----------------------------------------------------------------
+
+    @property
+    def rank(self) -> int:
+        """This process's logical rank."""
+        return self._rank
+
+    @property
+    def size(self) -> int:
+        """Number of members."""
+        return len(self._order)
+
+    @property
+    def epoch(self) -> int:
+        """Membership epoch of this communicator."""
+        return self._epoch
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        """Logical ranks of the members, sorted."""
+        return tuple(sorted(self._order))
+
+    @property
+    def order(self) -> tuple[int, ...]:
+        """Logical ranks in physical (transport) order."""
+        return self._order
+
+    @property
+    def physical_rank(self) -> int:
+        """This process's index in the transport's group (what torch calls its rank)."""
+        return self._phys[self._rank]
+
+    def physical(self, logical: int) -> int:
+        """Transport index of logical rank ``logical``.
+
+        Raises:
+            ConfigError: ``logical`` is not a member.
+        """
+        try:
+            return self._phys[logical]
+        except KeyError:
+            msg = f"rank {logical} is not a member of {self.tag!r} epoch {self._epoch} (members {self.ranks})"
+            raise ConfigError(msg) from None
+
+    @property
+    def store(self) -> Store:
+        """The store this communicator bootstraps from."""
+        return self._store
+
+    def __repr__(self) -> str:
+        state = f", aborted={self._abort_reason!r}" if self._abort_reason is not None else ""
+        return (f"{type(self).__name__}(tag={self.tag!r}, epoch={self._epoch}, rank={self._rank}, "
+                f"ranks={list(self.ranks)}{state})")
+
+    # -- abort -------------------------------------------------------------------
+
+    def abort(self, reason: str = "") -> None:
+        """Abort from any thread; blocked and later operations raise at once. Idempotent."""
+        with self._lock:
+            if self._abort_reason is None:
+                self._abort_reason = reason or "aborted"
+            wakeups = list(self._wakeups)
+        for ev in wakeups:
+            ev.set()
+        self._on_abort()
+
+    @property
+    def aborted(self) -> bool:
+        """Whether :meth:`abort` was called or a peer failure was seen."""
+        return self._abort_reason is not None
+
+    def _on_abort(self) -> None:  # noqa: B027 (optional hook, empty by default)
+        """Backend hook run after the flag is set (must not block)."""
+
+    def _raise_if_aborted(self) -> None:
+        reason = self._abort_reason
+        if reason is not None:
+            cls = PeerFailureError if self._peer_failed else CommAborted
+            msg = f"{self!r}: {reason}"
+            raise cls(msg)
+
+    def _remote_abort(self) -> str | None:
+        key = f"{self._prefix}/abort"
+        try:
+            if self._store.check([key]):
+                return self._store.get(key, 1.0).decode(errors="replace")
+        except Exception as exc:  # a store hiccup must not hide the collective's own outcome
+            logger.debug("abort-key poll failed: %s", exc)
+        return None
+
+    def fail(self, reason: str, *, publish: bool = True) -> PeerFailureError:
+        """Mark a peer failure, tell the other members through the store, return the error."""
+        with self._lock:
+            self._peer_failed = True
+        text = f"rank {self._rank} (epoch {self._epoch}): {reason}"
+        if publish:
+            try:
+                self._store.compare_set(f"{self._prefix}/abort", b"", text.encode())
+            except Exception as exc:
+                logger.warning("could not publish the peer failure to the store: %s", exc)
+        self.abort(text)
+        return PeerFailureError(f"{self!r}: peer failure: {reason}")
+
+    def wait_until(self, done: threading.Event, is_complete: Callable[[], bool], what: str,
+                   timeout: float | None = None) -> None:
+        """Block until ``done`` is set and ``is_complete()``; raise on abort, peer failure or timeout.
+
+        ``done`` is set by the transport's completion callback; :meth:`abort` sets it too
+        so that a blocked caller wakes up at once.
+        """
+        self._raise_if_aborted()
+        limit = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        with self._lock:
+            self._wakeups.add(done)
+        # Short slices first (an op that completes without a callback, e.g. Gloo send,
+        # is seen quickly), then POLL_S slices; the store is read at most every POLL_S.
+        slice_s = 1e-4
+        next_poll = time.monotonic() + POLL_S
+        try:
+            while True:
+                if done.wait(slice_s) and is_complete():
+                    return
+                if is_complete():
+                    return
+                slice_s = min(POLL_S, slice_s * 2)
+                self._raise_if_aborted()
+                if time.monotonic() < next_poll:
+                    continue
+                next_poll = time.monotonic() + POLL_S
+                remote = self._remote_abort()
+                if remote is not None:
+                    with self._lock:
+                        self._peer_failed = True
+                    self.abort(f"{what} interrupted: {remote}")
+                    self._raise_if_aborted()
+                if time.monotonic() >= deadline:
+                    text = f"{what} did not complete within {limit:g} s"
+                    self.fail(text)
+                    msg = f"{self!r}: {text}"
+                    raise CollectiveTimeout(msg)
+        finally:
+            with self._lock:
+                self._wakeups.discard(done)
+
+    # -- membership changes --------------------------------------------------------
+
+    def shrink(self, dead_ranks: Sequence[int]) -> FlexCommunicator:
+        """Return the survivors' communicator at epoch + 1 (called by every survivor only)."""
+        dead = _check_ranks("shrink", dead_ranks)
+        missing = [r for r in dead if r not in self._phys]
+        if missing:
+            msg = f"shrink: ranks {missing} are not members of {self!r}"
+            raise ConfigError(msg)
+        if self._rank in dead:
+            msg = f"shrink: rank {self._rank} is listed as dead but is calling shrink (only survivors call it)"
+            raise ConfigError(msg)
+        if len(dead) == len(self._order):
+            msg = "shrink: cannot remove every member"
+            raise ConfigError(msg)
+        order = tuple(r for r in self._order if r not in dead)
+        return self._transition("shrink", order, dead=dead)
+
+    def grow(self, new_ranks: Sequence[int]) -> FlexCommunicator:
+        """Return the communicator with ``new_ranks`` added, at epoch + 1.
+
+        Survivors call it while each newcomer calls ``backend.join(store, rank,
+        epoch=self.epoch + 1)``; the newcomer holds the logical rank it joins as.
+        """
+        new = _check_ranks("grow", new_ranks)
+        present = [r for r in new if r in self._phys]
+        if present:
+            msg = f"grow: ranks {present} are already members of {self!r}"
+            raise ConfigError(msg)
+        if not new:
+            msg = "grow: no ranks to add"
+            raise ConfigError(msg)
+        return self._transition("grow", self._grown_order(new), new=new)
+
+    def rebuild(self) -> FlexCommunicator:
+        """Return a fresh communicator with the same members at epoch + 1."""
+        return self._transition("rebuild", self._order)
+
+    def _grown_order(self, new: tuple[int, ...]) -> tuple[int, ...]:
+        """Physical order after adding ``new`` (Gloo: sorted; NCCL Grow appends)."""
+        return tuple(sorted(self._order + new))
+
+    def _transition(self, what: str, order: tuple[int, ...], *, dead: tuple[int, ...] = (),
+                    new: tuple[int, ...] = ()) -> FlexCommunicator:
+        epoch = self._epoch + 1
+        # The old group is finished either way: aborting wakes any thread still blocked in
+        # it, and the members of the old epoch that are still waiting see the abort key.
+        self.abort(f"superseded by {what} to epoch {epoch}")
+        if dead:
+            # The old epoch is broken: wake every member still blocked in it. Not for
+            # rebuild/grow, where the old epoch is healthy and a slower member may still
+            # be finishing its last collective in it.
+            try:
+                self._store.compare_set(f"{self._prefix}/abort", b"",
+                                        f"ranks {list(dead)} failed; survivors shrink to epoch {epoch}".encode())
+            except Exception as exc:  # best effort: the agent's epoch also reaches them
+                logger.warning("could not publish the end of epoch %d: %s", self._epoch, exc)
+        advance_epoch(self._store, self.tag, epoch)
+        agree_members(self._store, self.tag, epoch, order)
+        started = time.perf_counter()
+        comm = self._make(what, order, epoch, dead=dead, new=new)
+        logger.info("%s: %s to epoch %d (ranks %s) in %.3f s", self.tag, what, epoch, list(comm.ranks),
+                    time.perf_counter() - started)
+        self._retire()
+        return comm
+
+    @abstractmethod
+    def _make(self, what: str, order: tuple[int, ...], epoch: int, *, dead: tuple[int, ...],
+              new: tuple[int, ...]) -> FlexCommunicator:
+        """Build the next epoch's communicator (members already agreed)."""
+
+    @abstractmethod
+    def _retire(self) -> None:
+        """Release this epoch's transport without blocking the caller."""
+
+    # -- split ---------------------------------------------------------------------
+
+    def split(self, color: int, key: int) -> FlexCommunicator | None:
+        """Partition members by ``color`` (collective); order each part by ``key`` then rank.
+
+        Ranks of a part are dense (``0..k-1``). Returns None for a negative color.
+        """
+        self._raise_if_aborted()
+        n = self._splits
+        self._splits += 1
+        base = f"{self._prefix}/split{n}"
+        self._store.set(f"{base}/{self._rank}", json.dumps([int(color), int(key)]).encode())
+        keys = [f"{base}/{r}" for r in self._order]
+        self.wait_store(keys, f"split #{n}")
+        entries: list[tuple[int, int, int]] = []
+        for r in self._order:
+            c, k = json.loads(self._store.get(f"{base}/{r}", self.timeout))
+            entries.append((int(c), int(k), r))
+        if color < 0:
+            return None
+        part = sorted((k, r) for c, k, r in entries if c == color)
+        new_rank = [r for _, r in part].index(self._rank)
+        tag = f"{self.tag}.s{n}c{color}"
+        order = tuple(range(len(part)))
+        advance_epoch(self._store, tag, self._epoch)
+        agree_members(self._store, tag, self._epoch, order)
+        return self._make_split(tag, order, new_rank, [r for _, r in part])
+
+    @abstractmethod
+    def _make_split(self, tag: str, order: tuple[int, ...], rank: int, parent_ranks: list[int]) -> FlexCommunicator:
+        """Build the sub-communicator of one color (members agreed; ``parent_ranks`` in new order)."""
+
+    def wait_store(self, keys: list[str], what: str) -> None:
+        """Wait for store keys in short slices, so that an abort interrupts the wait."""
+        deadline = time.monotonic() + self.timeout
+        while not self._store.check(keys):
+            self._raise_if_aborted()
+            remote = self._remote_abort()
+            if remote is not None:
+                self.abort(f"{what} interrupted: {remote}")
+                self._raise_if_aborted()
+            if time.monotonic() >= deadline:
+                msg = f"{self!r}: {what}: members did not arrive within {self.timeout:g} s"
+                raise CollectiveTimeout(msg)
+            with contextlib.suppress(TimeoutError):
+                self._store.wait(keys, POLL_S * 4)
+
+    # -- collectives (backends) ----------------------------------------------------
+
+    @abstractmethod
+    def all_reduce(self, tensor: Any, op: ReduceOp = ReduceOp.SUM) -> None:
+        """Reduce ``tensor`` in place across all members."""
+
+    @abstractmethod
+    def broadcast(self, tensor: Any, root: int) -> None:
+        """Copy ``tensor`` from logical rank ``root`` to every member."""
+
+    @abstractmethod
+    def all_gather(self, outputs: list[Any], tensor: Any) -> None:
+        """Gather every member's ``tensor`` into ``outputs`` (sorted logical rank order)."""
+
+    @abstractmethod
+    def reduce_scatter(self, output: Any, inputs: list[Any], op: ReduceOp = ReduceOp.SUM) -> None:
+        """Reduce ``inputs[i]`` across members into ``output`` of the i-th member (sorted order)."""
+
+    @abstractmethod
+    def send(self, tensor: Any, dst: int) -> None:
+        """Send ``tensor`` to logical rank ``dst``."""
+
+    @abstractmethod
+    def recv(self, tensor: Any, src: int) -> None:
+        """Receive into ``tensor`` from logical rank ``src``."""
+
+    @abstractmethod
+    def barrier(self) -> None:
+        """Block until every member arrives."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release resources; the communicator is unusable afterwards."""
+
+
+def _typecheck(c: FlexCommunicator) -> Communicator:
+    return c  # mypy proves that FlexCommunicator satisfies the core protocol

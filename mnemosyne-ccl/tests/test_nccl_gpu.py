@@ -1,0 +1,90 @@
+"""The NCCL backend on real GPUs (run on the lent GPU machines; skipped on CPU)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from mnemosyne.ccl.nccl import NcclBackend  # noqa: E402
+from mnemosyne.core.errors import MissingDependencyError  # noqa: E402
+
+needs_gpus = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                                reason="needs a CUDA GPU")
+
+
+def test_capabilities_without_nccl4py_do_not_raise():
+    caps = NcclBackend.capabilities()
+    assert set(caps) >= {"shrink", "grow"}
+
+
+def test_missing_nccl4py_names_the_install_line():
+    try:
+        import nccl.core  # noqa: F401
+    except ImportError:
+        with pytest.raises(MissingDependencyError, match=r'mnemosyne-ccl\[nccl\]'):
+            NcclBackend().library_version()
+    else:
+        assert NcclBackend().library_version().count(".") == 2
+
+
+@pytest.mark.gpu
+@needs_gpus
+@pytest.mark.timeout(600)
+def test_nccl_bench_shrink_grow_on_gpus(tmp_path):
+    world = min(4, torch.cuda.device_count())
+    out = tmp_path / "nccl.json"
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+    proc = subprocess.run([sys.executable, "-m", "mnemosyne.ccl.bench", "--backend", "nccl", "--world", str(world),
+                           "--repeats", "3", "--fresh-repeats", "1", "--json", str(out)],
+                          env=env, capture_output=True, text=True, timeout=560)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith("repair_speedup: ")
+
+
+needs_one_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@needs_one_gpu
+@pytest.mark.timeout(300)
+def test_nccl_single_rank_lifecycle(tmp_path):
+    """One rank on one GPU: the nccl4py paths (non-blocking init, collectives on torch's current stream,
+    rebuild from the cached topology, split, abort) against the real library."""
+    from mnemosyne.ccl import StoreClient, StoreServer
+    from mnemosyne.core.errors import CommAborted
+
+    srv = StoreServer(jobs={"j": "tok"}).start()
+    try:
+        store = StoreClient(srv.address, "j", "tok")
+        be = NcclBackend(device=0, cache_dir=str(tmp_path / "cache"))
+        assert be.library_version().count(".") == 2
+        comm = be.create(store, 0, 1)
+        assert (comm.rank, comm.size, comm.epoch) == (0, 1, 0)
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            t = torch.arange(1 << 20, dtype=torch.float32, device="cuda")
+            comm.all_reduce(t)
+            comm.broadcast(t, root=0)
+            outs = [torch.empty_like(t)]
+            comm.all_gather(outs, t)
+        torch.cuda.synchronize()
+        assert torch.equal(outs[0], torch.arange(1 << 20, dtype=torch.float32, device="cuda"))
+        assert any((tmp_path / "cache").rglob("*")), "NCCL topology/graph dumps were not written"
+        comm2 = comm.rebuild()
+        assert comm2.epoch == 1
+        t2 = torch.ones(8, device="cuda")
+        comm2.all_reduce(t2)
+        assert torch.equal(t2, torch.ones(8, device="cuda"))
+        sub = comm2.split(0, 0)
+        assert sub is not None and sub.size == 1
+        sub.close()
+        comm2.abort("test abort")
+        with pytest.raises(CommAborted):
+            comm2.all_reduce(t2)
+        comm2.close()
+        store.close()
+    finally:
+        srv.stop()

@@ -1,0 +1,448 @@
+"""The proxy process: owns an arena, keeps the handle table and its log, serves clients.
+
+One thread, one ``selectors`` loop. Connections arrive on a Unix socket (mode 0600, in a
+0700 directory, peers must run as the same user) and optionally on a TCP port that only
+serves read-only peer requests. The first message on a connection must be ``Hello`` with
+the job's token; anything else, a wrong token, another job, or a malformed frame gets an
+``Error`` reply and the connection is closed; the proxy keeps running and its state is
+untouched.
+
+Every state-changing request is handled by computing its log record, appending it (one
+write) and applying it to the table, then replying (see
+:class:`~mnemosyne.proxy._generated.stubs.ServerDispatch`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import os
+import secrets
+import selectors
+import signal
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mnemosyne.core.errors import AuthError, ConfigError, MnemosyneError, ProtocolError, StateError
+from mnemosyne.proxy._generated.messages import (
+    Allocate,
+    AllocateReply,
+    BeginUpdate,
+    Checksum,
+    ChecksumReply,
+    Commit,
+    Error,
+    Free,
+    Hello,
+    Map,
+    MapReply,
+    Message,
+    Name,
+    Ok,
+    Pull,
+    PullReply,
+    Read,
+    ReadReply,
+    RecAlloc,
+    RecBase,
+    RecBegin,
+    RecCommit,
+    RecFree,
+    RecName,
+    RecOpen,
+    RecRestore,
+    SetBase,
+    Shutdown,
+    Space,
+    Status,
+    StatusReply,
+    Table,
+    TableReply,
+    Welcome,
+)
+from mnemosyne.proxy._generated.stubs import ServerDispatch
+from mnemosyne.proxy._wire import PeerClosed, recv_frame, send_frame
+from mnemosyne.proxy.arena import Arena, load_arena
+from mnemosyne.proxy.errors import ProxyError, error_code
+from mnemosyne.proxy.journal import Journal
+from mnemosyne.proxy.table import HandleTable
+
+__all__ = ["COMPACT_EVERY", "ROLES", "ProxyServer"]
+
+logger = logging.getLogger(__name__)
+
+#: Who may connect, and what each role may ask.
+ROLES = ("trainer", "peer", "admin")
+_PEER_REQUESTS = (Hello, Map, Table, Status, Checksum, Read)
+#: Rewrite the log as one snapshot record after this many appended records.
+COMPACT_EVERY = 100_000
+#: Largest chunk a network peer may read at once.
+MAX_READ = 16 * 1024 * 1024
+_FRAME_TIMEOUT = 10.0
+
+
+@dataclass
+class _Conn:
+    sock: socket.socket
+    unix: bool
+    authed: bool = False
+    role: str = ""
+    pid: int = 0
+    fds_out: list[int] = field(default_factory=list)
+
+
+class ProxyServer(ServerDispatch):
+    """A device proxy.
+
+    Args:
+        state_dir: Folder for the socket, log and token (created 0700).
+        arena: Arena backend name (``host``, ``cuda``).
+        capacity: Bytes of the arena's main space.
+        device: Device index (-1 for the host arena).
+        job: Job id clients must present.
+        token: Job token; read from ``state_dir/token`` or generated there when None.
+        peer_listen: ``HOST:PORT`` to serve network peers on (port 0 picks one; the actual
+            address is written to ``state_dir/peer.addr``), or None.
+        host_capacity: Bytes of the side host space of a cuda arena.
+    """
+
+    def __init__(self, state_dir: str | os.PathLike[str], arena: str = "host", capacity: int = 1 << 30,
+                 device: int = -1, job: str = "", token: str | None = None, peer_listen: str | None = None,
+                 host_capacity: int = 1 << 20) -> None:
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.state_dir, 0o700)
+        self.socket_path = self.state_dir / "proxy.sock"
+        self.job = job
+        self.token = self._load_token(token)
+        self.arena_name = arena
+        self.capacity = capacity
+        self.device = device
+        self.host_capacity = host_capacity
+        self.peer_listen = peer_listen
+        self.journal = Journal(self.state_dir / "proxy.log")
+        self.table = HandleTable([])
+        self.arena: Arena | None = None
+        self._sel = selectors.DefaultSelector()
+        self._listeners: list[socket.socket] = []
+        self._stop = False
+        self.peer_address: str | None = None
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    def _load_token(self, token: str | None) -> str:
+        path = self.state_dir / "token"
+        if token:
+            return token
+        if path.is_file():
+            return path.read_text().strip()
+        token = secrets.token_hex(16)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(token + "\n")
+        return token
+
+    def start(self) -> None:
+        """Replay the log, create the arena, open the log, bind the sockets."""
+        t0 = time.perf_counter()
+        n = 0
+        for rec in self.journal.replay():
+            self.table.apply(rec)
+            n += 1
+        cls = load_arena(self.arena_name)
+        self.arena = cls(self.capacity, self.device, self.host_capacity)
+        spaces = self.arena.spaces
+        # Compact: the replayed history becomes one snapshot, then this generation opens.
+        self.journal.rewrite([self.table.snapshot()] if self.table.entries or n else [])
+        self._log(RecOpen(self.table.generation + 1, self.arena_name, self.device, [s.capacity for s in spaces]))
+        logger.info("proxy generation %d: %s arena, %d space(s) %s, %d log record(s) replayed in %.3f s, status %s",
+                    self.table.generation, self.arena_name, len(spaces), [s.capacity for s in spaces], n,
+                    time.perf_counter() - t0, self.table.status.value)
+        self._bind_unix()
+        if self.peer_listen:
+            self._bind_tcp(self.peer_listen)
+
+    def _bind_unix(self) -> None:
+        path = str(self.socket_path)
+        if len(path.encode()) >= 104:
+            msg = f"proxy socket path {path!r} is too long for a Unix socket (keep it under 104 bytes)"
+            raise ConfigError(msg)
+        if self.socket_path.exists():
+            self.socket_path.unlink()  # a previous generation's socket: nobody is listening on it
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # the socket file is born 0600: no window where others can connect
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        sock.listen(16)
+        sock.setblocking(False)
+        self._listeners.append(sock)
+        self._sel.register(sock, selectors.EVENT_READ, ("listen", True))
+
+    def _bind_tcp(self, where: str) -> None:
+        host, _, port = where.rpartition(":")
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host.strip("[]"), int(port)))
+        sock.listen(16)
+        sock.setblocking(False)
+        bound = sock.getsockname()
+        self.peer_address = f"tcp:{bound[0]}:{bound[1]}"
+        (self.state_dir / "peer.addr").write_text(self.peer_address + "\n")
+        self._listeners.append(sock)
+        self._sel.register(sock, selectors.EVENT_READ, ("listen", False))
+
+    def serve_forever(self, install_signals: bool = True) -> None:
+        """Serve until SIGTERM/SIGINT or a Shutdown request, then release everything."""
+        if install_signals:
+            signal.signal(signal.SIGTERM, lambda *_: self.stop())
+            signal.signal(signal.SIGINT, lambda *_: self.stop())
+        try:
+            while not self._stop:
+                for key, _ in self._sel.select(timeout=0.2):
+                    kind, data = key.data
+                    if kind == "listen":
+                        self._accept(key.fileobj, data)  # type: ignore[arg-type]
+                    else:
+                        self._serve_one(data)
+        finally:
+            self.close()
+
+    def stop(self) -> None:
+        """Ask the loop to end."""
+        self._stop = True
+
+    def close(self) -> None:
+        """Close every socket, the log and the arena."""
+        for key in list(self._sel.get_map().values()):
+            key.fileobj.close()  # type: ignore[union-attr]
+        self._sel.close()
+        if self.socket_path.exists():
+            self.socket_path.unlink()
+        self.journal.close()
+        if self.arena is not None:
+            self.arena.close()
+            self.arena = None
+
+    # ---- connections ---------------------------------------------------------------------
+    def _accept(self, lsock: socket.socket, unix: bool) -> None:
+        try:
+            sock, _ = lsock.accept()
+        except BlockingIOError:
+            return
+        if unix:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            _pid, uid, _gid = struct.unpack("3i", creds)
+            if uid != os.getuid():
+                logger.warning("refused a connection from uid %d (proxy runs as uid %d)", uid, os.getuid())
+                sock.close()
+                return
+        else:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(True)
+        sock.settimeout(_FRAME_TIMEOUT)
+        self._sel.register(sock, selectors.EVENT_READ, ("conn", _Conn(sock, unix)))
+
+    def _drop(self, conn: _Conn) -> None:
+        self._sel.unregister(conn.sock)
+        conn.sock.close()
+
+    def _serve_one(self, conn: _Conn) -> None:
+        try:
+            request, rid, _ = recv_frame(conn.sock)
+        except PeerClosed:
+            self._drop(conn)
+            return
+        except (ProtocolError, TimeoutError) as exc:
+            # A foreign or garbled stream cannot be resynchronised: answer once, hang up.
+            logger.warning("rejected a malformed message from %s: %s", "unix" if conn.unix else "tcp", exc)
+            self._reply_error(conn, 0, exc if isinstance(exc, ProtocolError) else ProtocolError(str(exc)))
+            self._drop(conn)
+            return
+        try:
+            self._authorize(conn, request)
+            reply = self.dispatch(request, conn)
+        except MnemosyneError as exc:
+            self._reply_error(conn, rid, exc)
+            if not conn.authed or isinstance(exc, ProtocolError):
+                self._drop(conn)
+            return
+        except Exception as exc:  # a bug must not take the state down with it
+            logger.exception("proxy failed to handle %s", type(request).__name__)
+            self._reply_error(conn, rid, ProxyError(f"internal error handling {type(request).__name__}: {exc!r}"))
+            return
+        fds, conn.fds_out = conn.fds_out, []
+        try:
+            send_frame(conn.sock, reply, rid, fds)
+        except (PeerClosed, OSError):
+            self._drop(conn)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _authorize(self, conn: _Conn, request: Message) -> None:
+        if not conn.authed and not isinstance(request, Hello):
+            msg = f"first message must be Hello with the job token, got {type(request).__name__}"
+            raise AuthError(msg)
+        if conn.authed and isinstance(request, Hello):
+            msg = "Hello was already accepted on this connection"
+            raise ProtocolError(msg)
+        if conn.authed and conn.role == "peer" and not isinstance(request, _PEER_REQUESTS):
+            msg = f"a peer connection may not send {type(request).__name__} (peers only read)"
+            raise AuthError(msg)
+
+    def _reply_error(self, conn: _Conn, rid: int, exc: BaseException) -> None:
+        with contextlib.suppress(PeerClosed, OSError):
+            send_frame(conn.sock, Error(error_code(exc), str(exc)), rid)
+
+    # ---- the log -------------------------------------------------------------------------
+    def append_record(self, record: Message) -> None:
+        """Append to the log (compacting it now and then)."""
+        self.journal.append(record)
+
+    def apply_record(self, record: Message) -> None:
+        """Apply to the table; compact the log when it grew long."""
+        self.table.apply(record)
+        if self.journal.appended >= COMPACT_EVERY:
+            self.journal.rewrite([self.table.snapshot()])
+
+    def _log(self, record: Message) -> None:
+        self.append_record(record)
+        self.apply_record(record)
+
+    # ---- handlers ------------------------------------------------------------------------
+    def _arena(self) -> Arena:
+        if self.arena is None:
+            msg = "the proxy has no arena (not started or already closed)"
+            raise StateError(msg)
+        return self.arena
+
+    def handle_hello(self, request: Hello, ctx: Any) -> Welcome:
+        """Check the token and job; remember the role."""
+        conn: _Conn = ctx
+        if not hmac.compare_digest(request.token.encode(), self.token.encode()):
+            msg = "wrong job token: this proxy serves another job or the token is stale"
+            raise AuthError(msg)
+        if request.job != self.job:
+            msg = f"job {request.job!r} does not match this proxy's job {self.job!r}"
+            raise AuthError(msg)
+        if request.role not in ROLES:
+            msg = f"unknown role {request.role!r}; expected one of {ROLES}"
+            raise AuthError(msg)
+        if request.role != "peer" and not conn.unix:
+            msg = "only peers may connect over TCP; trainers use the Unix socket"
+            raise AuthError(msg)
+        conn.authed, conn.role, conn.pid = True, request.role, request.pid
+        return Welcome(os.getpid(), self.job, self.arena_name, self.device, self.table.generation)
+
+    def handle_map(self, request: Map, ctx: Any) -> MapReply:
+        """Send the arena's descriptors (read-only ones to peers)."""
+        conn: _Conn = ctx
+        if not conn.unix:
+            msg = "memory descriptors can only be passed over the Unix socket"
+            raise ConfigError(msg)
+        arena = self._arena()
+        conn.fds_out = arena.export_fds(read_only=conn.role == "peer")
+        spaces = [Space(i, s.kind, s.device, s.capacity, self.table.bases[i] if i < len(self.table.bases) else 0)
+                  for i, s in enumerate(arena.spaces)]
+        return MapReply(spaces)
+
+    def handle_set_base(self, request: SetBase, ctx: Any) -> tuple[Ok, RecBase | None]:
+        """Remember where a client mapped a space."""
+        if not 0 <= request.space < len(self.table.capacities):
+            msg = f"memory space {request.space} does not exist"
+            raise ConfigError(msg)
+        if self.table.bases[request.space] == request.base:
+            return Ok(), None
+        return Ok(), RecBase(request.space, request.base)
+
+    def handle_allocate(self, request: Allocate, ctx: Any) -> tuple[AllocateReply, RecAlloc | None]:
+        """Find the named entry or plan a new one."""
+        if request.name:
+            found = self.table.lookup(request.name)
+            if found is not None:
+                same = (found.space, found.dtype, list(found.shape), found.nbytes) == (
+                    request.space, request.dtype, list(request.shape), request.nbytes)
+                if not same:
+                    msg = (f"tensor {request.name!r} exists as space={found.space} {found.dtype}{list(found.shape)} "
+                           f"({found.nbytes} bytes); asked for space={request.space} "
+                           f"{request.dtype}{list(request.shape)} ({request.nbytes} bytes)")
+                    raise StateError(msg)
+                return AllocateReply(found, False), None
+        entry = self.table.plan_alloc(request.name, request.space, request.dtype, request.shape, request.nbytes)
+        return AllocateReply(entry, True), RecAlloc(entry)
+
+    def handle_free(self, request: Free, ctx: Any) -> tuple[Ok, RecFree | None]:
+        """Release an allocation."""
+        if request.handle not in self.table.entries:
+            msg = f"handle {request.handle} is not allocated"
+            raise StateError(msg)
+        return Ok(), RecFree(request.handle)
+
+    def handle_name(self, request: Name, ctx: Any) -> tuple[Ok, RecName | None]:
+        """Name an anonymous allocation."""
+        entry = self.table.entries.get(request.handle)
+        if entry is None or entry.name or not request.name or request.name in self.table.by_name:
+            msg = f"cannot name handle {request.handle} {request.name!r}: unknown handle, already named, or name taken"
+            raise StateError(msg)
+        return Ok(), RecName(request.handle, request.name)
+
+    def handle_table(self, request: Table, ctx: Any) -> TableReply:
+        """The whole table."""
+        return TableReply(self.table.status_reply(), sorted(self.table.entries.values(), key=lambda e: e.handle))
+
+    def handle_begin_update(self, request: BeginUpdate, ctx: Any) -> tuple[Ok, RecBegin | None]:
+        """Mark the start of an in-place update."""
+        return Ok(), RecBegin(request.step)
+
+    def handle_commit(self, request: Commit, ctx: Any) -> tuple[Ok, RecCommit | None]:
+        """Mark a completed update."""
+        pending = self.table.status_reply().update_step
+        if pending != request.step:
+            msg = f"commit({request.step}) without a matching begin_update (pending update: {pending})"
+            raise StateError(msg)
+        return Ok(), RecCommit(request.step)
+
+    def handle_status(self, request: Status, ctx: Any) -> StatusReply:
+        """The commit status."""
+        return self.table.status_reply()
+
+    def handle_checksum(self, request: Checksum, ctx: Any) -> ChecksumReply:
+        """Checksum allocations where they live."""
+        arena = self._arena()
+        sums = []
+        for h in request.handles:
+            e = self.table.entries.get(h)
+            if e is None:
+                msg = f"handle {h} is not allocated"
+                raise StateError(msg)
+            sums.append(arena.checksum(e.space, e.offset, e.nbytes))
+        st = self.table.status_reply()
+        return ChecksumReply(sums, st.step, st.seq)
+
+    def handle_read(self, request: Read, ctx: Any) -> ReadReply:
+        """Bytes of one allocation, for a network peer."""
+        e = self.table.entries.get(request.handle)
+        if e is None or request.offset + request.nbytes > e.nbytes or request.nbytes > MAX_READ:
+            msg = (f"read of [{request.offset}, {request.offset + request.nbytes}) from handle {request.handle} "
+                   f"is out of bounds (or over {MAX_READ} bytes)")
+            raise StateError(msg)
+        return ReadReply(self._arena().read(e.space, e.offset + request.offset, request.nbytes))
+
+    def handle_pull(self, request: Pull, ctx: Any) -> tuple[PullReply, RecRestore | None]:
+        """Fill the arena from a peer proxy (see :mod:`mnemosyne.proxy.pull`)."""
+        from mnemosyne.proxy.pull import pull_from_peer
+
+        reply = pull_from_peer(self, request.peer, request.token or self.token)
+        return reply, RecRestore(reply.step, request.peer)
+
+    def handle_shutdown(self, request: Shutdown, ctx: Any) -> Ok:
+        """Stop after replying."""
+        self.stop()
+        return Ok()
