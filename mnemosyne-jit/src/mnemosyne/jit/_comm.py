@@ -1,0 +1,368 @@
+"""The plain torch.distributed communicator: the fallback when mnemosyne-ccl is absent.
+
+Every membership epoch gets a brand-new torch ProcessGroup (Gloo on CPU, NCCL on GPU)
+built under a fresh store prefix; nothing of a previous epoch is reused ("everyone
+rebuilds": slower than ccl's shrink/grow, but correct).
+
+Abort: Gloo's ``ProcessGroup.abort`` does not wake an operation blocked on a peer, and
+destroying a group with a pending operation blocks until torch's timeout. So every
+blocking call here waits on an event that either the operation's future or
+:meth:`TorchComm.abort` sets; an aborted group is parked in :data:`GRAVEYARD` (never
+destroyed while the process runs) and its tensors are never reused by the caller.
+NCCL groups are also aborted natively (``ncclCommAbort``), which ends kernels stuck on a
+dead peer.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from mnemosyne.core.comm import CommBackend, Communicator, ReduceOp
+from mnemosyne.core.errors import CommAborted, CommError, PeerFailureError
+from mnemosyne.core.store import PrefixStore, Store
+from mnemosyne.jit import _keys
+from mnemosyne.jit._store import TorchStore
+
+__all__ = ["GRAVEYARD", "TorchBackend", "TorchComm", "torch_store_of"]
+
+logger = logging.getLogger(__name__)
+
+#: Aborted process groups, kept alive for the life of the process (see module doc).
+GRAVEYARD: list[Any] = []
+
+# torch's own timeout for an operation; never the way we detect failures (the agent and
+# the watchdog are), so it is long enough for any healthy step.
+_OP_TIMEOUT = datetime.timedelta(minutes=30)
+
+
+def torch_store_of(store: Store) -> tuple[TorchStore, str]:
+    """Return the TorchStore under a chain of PrefixStores and the full prefix."""
+    parts: list[str] = []
+    cur: Any = store
+    while isinstance(cur, PrefixStore):
+        parts.append(cur.prefix)
+        cur = cur.inner
+    if not isinstance(cur, TorchStore):
+        msg = f"the plain torch.distributed backend needs a TorchStore, got {type(cur).__name__}"
+        raise CommError(msg)
+    return cur, "/".join(reversed(parts))
+
+
+def _to_torch_op(op: ReduceOp) -> Any:
+    import torch.distributed as dist
+
+    return {
+        ReduceOp.SUM: dist.ReduceOp.SUM,
+        ReduceOp.AVG: dist.ReduceOp.AVG,
+        ReduceOp.PRODUCT: dist.ReduceOp.PRODUCT,
+        ReduceOp.MIN: dist.ReduceOp.MIN,
+        ReduceOp.MAX: dist.ReduceOp.MAX,
+    }[op]
+
+
+class TorchComm:
+    """One epoch of a torch ProcessGroup, with abort from any thread (a core Communicator).
+
+    Args:
+        pg: The process group (all ranks ``0..size-1`` are members).
+        rank: This process's rank.
+        size: Group size.
+        epoch: Membership epoch.
+        backend: ``"gloo"`` or ``"nccl"``.
+    """
+
+    def __init__(self, pg: Any, rank: int, size: int, epoch: int, backend: str) -> None:
+        self._pg = pg
+        self._rank = rank
+        self._size = size
+        self._epoch = epoch
+        self.backend = backend
+        self._abort = threading.Event()
+        self._failed = False
+        self._reason = ""
+        self._lock = threading.Lock()
+        self._waiters: set[threading.Event] = set()
+
+    @property
+    def rank(self) -> int:
+        """See :class:`Communicator`."""
+        return self._rank
+
+    @property
+    def size(self) -> int:
+        """See :class:`Communicator`."""
+        return self._size
+
+    @property
+    def epoch(self) -> int:
+        """See :class:`Communicator`."""
+        return self._epoch
+
+    @property
+    def ranks(self) -> Sequence[int]:
+        """See :class:`Communicator`."""
+        return tuple(range(self._size))
+
+    @property
+    def aborted(self) -> bool:
+        """See :class:`Communicator`."""
+        return self._abort.is_set() or self._failed
+
+    def _check(self) -> None:
+        if self._abort.is_set():
+            msg = f"communicator of epoch {self._epoch} aborted: {self._reason}"
+            raise CommAborted(msg)
+        if self._failed:
+            msg = f"communicator of epoch {self._epoch} failed earlier: {self._reason}"
+            raise PeerFailureError(msg)
+
+    def _run(self, what: str, launch: Callable[[], Any]) -> None:
+        """Launch an operation and wait for it, or for an abort, whichever comes first."""
+        self._check()
+        try:
+            work = launch()
+        except RuntimeError as exc:
+            self._fail(what, exc)
+        done = threading.Event()
+        with self._lock:
+            self._waiters.add(done)
+        try:
+            try:
+                fut = work.get_future()
+            except RuntimeError:  # Gloo's send/recv works have no future: poll them
+                fut = None
+            if fut is not None:
+                fut.add_done_callback(lambda _f: done.set())
+                done.wait()
+            else:
+                # Gloo's send/recv works have no future and report completion only
+                # once waited on: wait in a helper thread (abandoned on abort).
+                box: dict[str, BaseException] = {}
+                finished = threading.Event()
+
+                def waiter() -> None:
+                    try:
+                        work.wait()
+                    except BaseException as exc:  # handed to the caller below
+                        box["err"] = exc
+                    finally:
+                        finished.set()
+                        done.set()
+
+                threading.Thread(target=waiter, name="mnemosyne-p2p-wait", daemon=True).start()
+                done.wait()
+                if finished.is_set():
+                    if "err" in box:
+                        self._fail(what, box["err"])
+                    self._check()
+                    return
+                self._park()
+                self._check()
+        finally:
+            with self._lock:
+                self._waiters.discard(done)
+        if self._abort.is_set() and not work.is_completed():
+            self._park()
+            self._check()
+        try:
+            work.wait()
+        except RuntimeError as exc:
+            self._fail(what, exc)
+        self._check()
+
+    def _fail(self, what: str, exc: BaseException) -> None:
+        self._failed = True
+        self._reason = self._reason or f"{what}: {exc}"
+        self._park()
+        msg = f"{what} on epoch {self._epoch} failed (a peer died or dropped out): {exc}"
+        raise PeerFailureError(msg) from exc
+
+    def _park(self) -> None:
+        if self._pg is not None and all(g is not self._pg for g in GRAVEYARD):
+            GRAVEYARD.append(self._pg)
+            # One reference that nothing ever drops: the group is then never destroyed,
+            # not even at interpreter exit, where its destructor would wait for the
+            # abandoned operation until torch's timeout.
+            ctypes.pythonapi.Py_IncRef(ctypes.py_object(self._pg))
+
+    def all_reduce(self, tensor: Any, op: ReduceOp = ReduceOp.SUM) -> None:
+        """See :class:`Communicator`."""
+        import torch.distributed as dist
+
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = _to_torch_op(op)
+        self._run("all_reduce", lambda: self._pg.allreduce([tensor], opts))
+
+    def broadcast(self, tensor: Any, root: int) -> None:
+        """See :class:`Communicator`."""
+        import torch.distributed as dist
+
+        opts = dist.BroadcastOptions()
+        opts.rootRank = root
+        opts.rootTensor = 0
+        self._run("broadcast", lambda: self._pg.broadcast([tensor], opts))
+
+    def all_gather(self, outputs: list[Any], tensor: Any) -> None:
+        """See :class:`Communicator`."""
+        self._run("all_gather", lambda: self._pg.allgather([outputs], [tensor]))
+
+    def reduce_scatter(self, output: Any, inputs: list[Any], op: ReduceOp = ReduceOp.SUM) -> None:
+        """See :class:`Communicator`."""
+        import torch.distributed as dist
+
+        opts = dist.ReduceScatterOptions()
+        opts.reduceOp = _to_torch_op(op)
+        self._run("reduce_scatter", lambda: self._pg.reduce_scatter([output], [inputs], opts))
+
+    def send(self, tensor: Any, dst: int, tag: int = 0) -> None:
+        """See :class:`Communicator` (``tag`` tells apart messages to one peer)."""
+        self._run("send", lambda: self._pg.send([tensor], dst, tag))
+
+    def recv(self, tensor: Any, src: int, tag: int = 0) -> None:
+        """See :class:`Communicator` (``tag`` must match the sender's)."""
+        self._run("recv", lambda: self._pg.recv([tensor], src, tag))
+
+    def barrier(self) -> None:
+        """See :class:`Communicator`."""
+        import torch
+
+        device = "cuda" if self.backend == "nccl" else "cpu"
+        self.all_reduce(torch.zeros(1, device=device))
+
+    def abort(self, reason: str = "") -> None:
+        """See :class:`Communicator`: wakes every waiter; for NCCL also aborts the communicator."""
+        if self._abort.is_set():
+            return
+        self._reason = reason or "aborted"
+        self._abort.set()
+        with self._lock:
+            waiters = list(self._waiters)
+        for ev in waiters:
+            ev.set()
+        if self.backend == "nccl" and self._pg is not None:
+            try:
+                self._pg.abort()
+            except Exception:  # abort must never raise; the group is parked either way
+                logger.debug("native abort of the NCCL group failed", exc_info=True)
+        self._park()
+
+    def shrink(self, dead_ranks: Sequence[int]) -> Communicator:
+        """Not native here: the runtime rebuilds through :class:`TorchBackend` instead."""
+        msg = "the plain torch.distributed backend cannot shrink in place; rebuild with TorchBackend.create"
+        raise CommError(msg)
+
+    def grow(self, new_ranks: Sequence[int]) -> Communicator:
+        """Not native here: the runtime rebuilds through :class:`TorchBackend` instead."""
+        msg = "the plain torch.distributed backend cannot grow in place; rebuild with TorchBackend.create"
+        raise CommError(msg)
+
+    def rebuild(self) -> Communicator:
+        """Not native here: the runtime rebuilds through :class:`TorchBackend` instead."""
+        msg = "use TorchBackend.create(store, rank, size, epoch=epoch + 1) on every member"
+        raise CommError(msg)
+
+    def split(self, color: int, key: int) -> Communicator | None:
+        """Not supported by the fallback backend."""
+        msg = "the plain torch.distributed backend does not split"
+        raise CommError(msg)
+
+    def close(self) -> None:
+        """Release the group (parked, see module doc: never destroyed while pending work may exist)."""
+        self._park()
+        self._pg = None
+
+
+class TorchBackend(CommBackend):
+    """Creates :class:`TorchComm` groups; ``join`` is ``create`` (every member rebuilds).
+
+    Args:
+        backend: ``"gloo"`` or ``"nccl"``.
+    """
+
+    name = "torch"
+
+    def __init__(self, backend: str = "gloo") -> None:
+        self.backend = backend
+
+    def create(
+        self,
+        store: Store,
+        rank: int,
+        size: int,
+        *,
+        epoch: int = 0,
+        timeout: float = 60.0,
+        interrupt: threading.Event | None = None,
+    ) -> TorchComm:
+        """Rendezvous every member in ``store``, then build the group of ``epoch``.
+
+        The rendezvous is a store counter waited on in short slices, so ``interrupt``
+        (set by the watchdog when a newer epoch appears) ends it at once. The group is
+        then built in a helper thread, abandoned as well if ``interrupt`` fires.
+
+        Raises:
+            CommAborted: ``interrupt`` was set.
+            CommError: The members did not all arrive, or the group failed to build,
+                within ``timeout`` seconds.
+        """
+        import torch.distributed as dist
+
+        ts, prefix = torch_store_of(store)
+        key = _keys.arrive(epoch)
+        store.set(f"{key}/size", str(size).encode())
+        store.add(key, 1)
+        deadline = time.monotonic() + timeout
+        while store.add(key, 0) < size:
+            if interrupt is not None and interrupt.is_set():
+                msg = f"rendezvous of epoch {epoch} interrupted by a newer epoch"
+                raise CommAborted(msg)
+            if time.monotonic() > deadline:
+                msg = f"rendezvous of epoch {epoch}: only {store.add(key, 0)} of {size} members arrived in {timeout} s"
+                raise CommError(msg)
+            time.sleep(0.002)
+        pg_prefix = f"{prefix}/{_keys.comm_prefix(epoch)}" if prefix else _keys.comm_prefix(epoch)
+        pg_store = dist.PrefixStore(pg_prefix, ts.clone().torch_store)  # type: ignore[attr-defined,arg-type]
+        box: dict[str, Any] = {}
+        built = threading.Event()
+
+        def build() -> None:
+            try:
+                if self.backend == "nccl":
+                    box["pg"] = dist.ProcessGroupNCCL(pg_store, rank, size, dist.ProcessGroupNCCL.Options())
+                else:
+                    box["pg"] = dist.ProcessGroupGloo(pg_store, rank, size, _OP_TIMEOUT)
+            except Exception as exc:  # reported to the caller below
+                box["err"] = exc
+            finally:
+                built.set()
+
+        threading.Thread(target=build, name=f"mnemosyne-pg-e{epoch}", daemon=True).start()
+        while not built.wait(0.005):
+            if interrupt is not None and interrupt.is_set():
+                msg = f"building the group of epoch {epoch} interrupted by a newer epoch"
+                raise CommAborted(msg)
+            if time.monotonic() > deadline:
+                msg = f"building the group of epoch {epoch} took longer than {timeout} s"
+                raise CommError(msg)
+        if "err" in box:
+            msg = f"building the {self.backend} group of epoch {epoch} failed: {box['err']}"
+            raise CommError(msg) from box["err"]
+        return TorchComm(box["pg"], rank, size, epoch, self.backend)
+
+    def join(self, store: Store, rank: int, *, epoch: int, timeout: float = 60.0) -> TorchComm:
+        """Same as :meth:`create`: in the fallback every member rebuilds."""
+        size = int(store.get(f"{_keys.arrive(epoch)}/size", timeout))
+        return self.create(store, rank, size, epoch=epoch, timeout=timeout)
+
+    @classmethod
+    def capabilities(cls) -> dict[str, bool]:
+        """Nothing is native: shrink, grow and rebuild are all full rebuilds."""
+        return {"shrink": False, "grow": False, "rebuild": False, "abort": True}
+
+

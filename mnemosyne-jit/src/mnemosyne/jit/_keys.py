@@ -1,0 +1,102 @@
+"""Names of every store key the launcher, trainers, spares and tools share.
+
+All keys live under the job's prefix (``<job>/``); keys that belong to one membership
+epoch carry it (``e<epoch>/...``) so that a rebuild never reads a previous epoch's keys.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DONE",
+    "EPOCH",
+    "INJECT_COUNT",
+    "REBUILD_REQUEST",
+    "arrive",
+    "comm_prefix",
+    "committed",
+    "done",
+    "fired",
+    "heartbeat",
+    "inject_plan",
+    "membership",
+    "report",
+    "spare_assign",
+    "spare_ready",
+    "spare_stop",
+    "xfer_meta",
+]
+
+#: Latest published membership epoch, as decimal text (the agent writes it last).
+EPOCH = "epoch"
+#: Number of fault plans written by ``mnemo inject``.
+INJECT_COUNT = "inject/n"
+#: A trainer saw a communicator error that no membership change explains: it asks the
+#: agent for a new epoch with the same members (everyone rebuilds).
+REBUILD_REQUEST = "rebuild_request"
+#: Prefix of ranks that finished training.
+DONE = "done"
+
+
+def membership(epoch: int) -> str:
+    """Membership record (JSON) of ``epoch``."""
+    return f"membership/{epoch}"
+
+
+def heartbeat(rank: int) -> str:
+    """Latest heartbeat of logical ``rank`` (JSON, written by its watchdog thread)."""
+    return f"hb/{rank}"
+
+
+def report(rank: int, pid: int) -> str:
+    """Failure report of the process ``pid`` holding ``rank`` (JSON)."""
+    return f"report/{rank}/{pid}"
+
+
+def done(rank: int) -> str:
+    """Set when ``rank`` finished its last step (value: its final epoch)."""
+    return f"{DONE}/{rank}"
+
+
+def comm_prefix(epoch: int) -> str:
+    """Store prefix of the communicator of ``epoch`` (fresh per epoch)."""
+    return f"comm/e{epoch}"
+
+
+def arrive(epoch: int) -> str:
+    """Counter of members that reached the rendezvous of ``epoch``."""
+    return f"e{epoch}/arrive"
+
+
+def committed(epoch: int, rank: int) -> str:
+    """What ``rank`` reports in the agreement of ``epoch`` (JSON)."""
+    return f"e{epoch}/agree/{rank}"
+
+
+def xfer_meta(epoch: int) -> str:
+    """Layout of the state that donors send in ``epoch`` (JSON)."""
+    return f"e{epoch}/xfer/meta"
+
+
+def inject_plan(index: int) -> str:
+    """The ``index``-th fault plan written by ``mnemo inject``."""
+    return f"inject/plan/{index}"
+
+
+def fired(plan_id: str) -> str:
+    """Counter that makes a fault plan fire once across incarnations."""
+    return f"inject/fired/{plan_id}"
+
+
+def spare_ready(spare_id: int) -> str:
+    """Set by a spare once torch is imported and the device is initialised."""
+    return f"spare/{spare_id}/ready"
+
+
+def spare_assign(spare_id: int) -> str:
+    """Assignment of a spare (JSON: rank, epoch, local_rank, world_size, t)."""
+    return f"spare/{spare_id}/assign"
+
+
+def spare_stop(spare_id: int) -> str:
+    """Set by the agent to send a spare home."""
+    return f"spare/{spare_id}/stop"

@@ -1,0 +1,141 @@
+"""``mnemo launch``, ``mnemo inject`` and ``mnemo demo`` (plugins of the ``mnemo`` command).
+
+Each ``register_*`` is an entry point of the ``mnemosyne.cli.commands`` group: it adds
+one sub-parser and sets ``func``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from typing import Any
+
+from mnemosyne.core.env import MNEMOSYNE_INJECT
+from mnemosyne.core.errors import ConfigError
+
+__all__ = ["register_demo", "register_inject", "register_launch"]
+
+logger = logging.getLogger(__name__)
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from mnemosyne.jit.agent import Agent, AgentConfig
+    from mnemosyne.jit.inject import parse_plans
+
+    if not args.script:
+        msg = "mnemo launch: give the training script (script.py [args]) or -m module [args]"
+        raise ConfigError(msg)
+    command = ["-m", args.script, *args.script_args] if args.module else [args.script, *args.script_args]
+    env: dict[str, str] = {}
+    if args.inject:
+        parse_plans(args.inject)  # fail now, not in every rank
+        env[MNEMOSYNE_INJECT] = args.inject
+    cfg = AgentConfig(command=command, nproc=args.nproc_per_node, spares=args.spares, hang_timeout=args.hang_timeout,
+                      max_restarts=args.max_restarts, event_log=args.event_log, job_id=args.job_id, host=args.host,
+                      env=env)
+    agent = Agent(cfg)
+    print(f"mnemo launch: job {agent.job_id}, {cfg.nproc} ranks, {cfg.spares} spares, events: "
+          f"{agent.event_log_path}", flush=True)
+    return agent.run()
+
+
+def register_launch(sub: Any) -> None:
+    """Add ``mnemo launch``."""
+    p = sub.add_parser("launch", help="run a recoverable data-parallel training script (instead of torchrun)",
+                       description="Start N ranks of a training script that uses mnemosyne.jit, supervise them, "
+                                   "and heal the job in place when a rank dies, hangs or raises.")
+    p.add_argument("--nproc-per-node", type=int, required=True, help="ranks to run on this node")
+    p.add_argument("--spares", type=int, default=1, help="pre-warmed spare processes to keep (default 1)")
+    p.add_argument("--hang-timeout", type=float, default=None,
+                   help="seconds without progress before a rank counts as hung (default: learned from step times)")
+    p.add_argument("--max-restarts", type=int, default=10, help="replacements before the job is given up")
+    p.add_argument("--event-log", default=None, help="JSON-lines event log (default ./mnemo-events/<job>.jsonl)")
+    p.add_argument("--job-id", default=None, help="job id (default: generated)")
+    p.add_argument("--host", default="127.0.0.1", help="interface the job's store listens on")
+    p.add_argument("--inject", default=None, metavar="PLAN",
+                   help="fault plan for testing, e.g. 'rank=1,step=5,kind=kill,phase=forward' (';' separates plans)")
+    p.add_argument("-m", "--module", action="store_true", help="the script is a module name (python -m)")
+    p.add_argument("script", nargs="?", help="training script (or module with -m)")
+    p.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments of the script")
+    p.set_defaults(func=_launch)
+
+
+def _find_job(job: str | None) -> dict[str, Any]:
+    from mnemosyne.jit.agent import job_info_dir
+
+    folder = job_info_dir()
+    if job:
+        path = folder / f"{job}.json"
+        if not path.exists():
+            msg = f"no running job {job!r} on this host (looked for {path})"
+            raise ConfigError(msg)
+        return dict(json.loads(path.read_text()))
+    found = sorted(folder.glob("*.json"))
+    live = []
+    for path in found:
+        info = json.loads(path.read_text())
+        try:
+            os.kill(int(info["pid"]), 0)
+            live.append(info)
+        except (ProcessLookupError, KeyError, ValueError):
+            continue
+    if len(live) != 1:
+        names = ", ".join(i["job"] for i in live) or "none"
+        msg = f"give --job: {len(live)} running jobs on this host ({names})"
+        raise ConfigError(msg)
+    return dict(live[0])
+
+
+def _inject(args: argparse.Namespace) -> int:
+    from mnemosyne.jit import _keys
+    from mnemosyne.jit._store import connect_store
+    from mnemosyne.jit.inject import FaultPlan
+
+    plan = FaultPlan(args.rank, args.at_step, args.kind, args.phase)
+    info = _find_job(args.job)
+    store = connect_store(info["store"], timeout=10.0).prefixed(info["job"])
+    # Reserve an index first, then publish: trainers read plans 0..n-1 only after n moved.
+    index = store.add(f"{_keys.INJECT_COUNT}/reserve", 1) - 1
+    store.set(_keys.inject_plan(index), plan.to_text().encode())
+    while store.add(_keys.INJECT_COUNT, 0) < index:
+        time.sleep(0.01)  # an earlier writer has not published yet
+    store.add(_keys.INJECT_COUNT, 1)
+    print(f"mnemo inject: job {info['job']}: {plan.to_text()}")
+    return 0
+
+
+def register_inject(sub: Any) -> None:
+    """Add ``mnemo inject``."""
+    p = sub.add_parser("inject", help="inject a fault into a running job (testing)")
+    p.add_argument("--job", default=None, help="job id (default: the only job running on this host)")
+    p.add_argument("--rank", type=int, required=True)
+    p.add_argument("--at-step", type=int, required=True, help="step index (0-based) at which the fault fires")
+    p.add_argument("--kind", choices=["kill", "hang", "exception", "segfault"], required=True)
+    p.add_argument("--phase", choices=["forward", "allreduce", "optimizer", "recovery"], default="forward")
+    p.set_defaults(func=_inject)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from mnemosyne.jit.demo.run import run_demo
+
+    return run_demo(args)
+
+
+def register_demo(sub: Any) -> None:
+    """Add ``mnemo demo``."""
+    p = sub.add_parser("demo", help="train a small GPT on 4 ranks, kill one mid-step, heal, verify bit for bit")
+    p.add_argument("--nproc", type=int, default=4, help="ranks (default 4)")
+    p.add_argument("--steps", type=int, default=30, help="training steps (default 30)")
+    p.add_argument("--kill-rank", type=int, default=2, help="rank to fault (default 2)")
+    p.add_argument("--kill-step", type=int, default=None, help="step of the fault (default: middle)")
+    p.add_argument("--kind", choices=["kill", "hang", "exception", "segfault"], default="kill")
+    p.add_argument("--phase", choices=["forward", "allreduce", "optimizer"], default="allreduce")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the summary as JSON to FILE")
+    p.add_argument("--workdir", default=None, help="folder for events and final states (default: a temp folder)")
+    p.add_argument("--no-verify", action="store_true", help="skip the fault-free reference run")
+    p.set_defaults(func=_demo)
+
+

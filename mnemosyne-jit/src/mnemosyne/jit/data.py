@@ -1,0 +1,134 @@
+"""Data position: which batch every step uses, and how to get back to it after recovery.
+
+The position of step ``k`` is a pure function of ``k``: epoch ``k // L`` and batch
+``k % L`` of that epoch, with ``L`` batches per epoch. Every rank derives it from the
+step counter, which recovery agrees on, so the position itself never needs to travel.
+
+Use :class:`ResumableSampler` (a DistributedSampler that can start mid-epoch) for an
+O(1) seek; any other re-iterable loader works too, by replaying the epoch's batches up
+to the position (correct, slower). The sampler must not draw from the global RNG
+(shuffling uses its own generator seeded by ``seed + epoch``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Sized
+from typing import Any
+
+import torch
+from torch.utils.data import Sampler
+
+from mnemosyne.core.env import MNEMOSYNE_RANK, MNEMOSYNE_WORLD_SIZE, env_int
+from mnemosyne.core.errors import ConfigError
+
+__all__ = ["DataCursor", "ResumableSampler"]
+
+
+class ResumableSampler(Sampler[int]):
+    """Shards a dataset across ranks like DistributedSampler, and can start mid-epoch.
+
+    Args:
+        data_source: The dataset (only its length is used) or the length itself.
+        num_replicas: Number of data-parallel ranks (default: ``MNEMOSYNE_WORLD_SIZE``).
+        rank: This rank (default: ``MNEMOSYNE_RANK``).
+        shuffle: Shuffle each epoch with a generator seeded by ``seed + epoch``.
+        seed: Shuffle seed, equal on every rank.
+        drop_last: Drop the tail instead of padding so every rank gets as many samples.
+    """
+
+    def __init__(self, data_source: Sized | int, num_replicas: int | None = None, rank: int | None = None,
+                 shuffle: bool = True, seed: int = 0, drop_last: bool = False) -> None:
+        self.total = data_source if isinstance(data_source, int) else len(data_source)
+        self.num_replicas = num_replicas if num_replicas is not None else (env_int(MNEMOSYNE_WORLD_SIZE, 1) or 1)
+        self.rank = rank if rank is not None else (env_int(MNEMOSYNE_RANK, 0) or 0)
+        if not 0 <= self.rank < self.num_replicas:
+            msg = f"ResumableSampler: rank {self.rank} not in [0, {self.num_replicas})"
+            raise ConfigError(msg)
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.start = 0
+        if drop_last:
+            self.num_samples = self.total // self.num_replicas
+        else:
+            self.num_samples = math.ceil(self.total / self.num_replicas)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch (shuffle order) of the next iteration."""
+        self.epoch = epoch
+
+    def seek(self, start: int) -> None:
+        """Make the next iteration skip this rank's first ``start`` samples of the epoch."""
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + self.epoch)
+            indices = torch.randperm(self.total, generator=g).tolist()
+        else:
+            indices = list(range(self.total))
+        want = self.num_samples * self.num_replicas
+        if want > len(indices):
+            indices += (indices * math.ceil(want / max(len(indices), 1)))[: want - len(indices)]
+        indices = indices[:want][self.rank::self.num_replicas]
+        start, self.start = self.start, 0
+        return iter(indices[start:])
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class DataCursor:
+    """Hands out the batch of each step and repositions after recovery.
+
+    Args:
+        data: A DataLoader (ideally over a :class:`ResumableSampler`) or any sized,
+            re-iterable collection of batches.
+    """
+
+    def __init__(self, data: Iterable[Any]) -> None:
+        if not isinstance(data, Sized):
+            msg = "steps(data=...): the data must have a length (batches per epoch) to be resumable"
+            raise ConfigError(msg)
+        self.data = data
+        self.per_epoch = len(data)
+        if self.per_epoch < 1:
+            msg = "steps(data=...): the data has no batches"
+            raise ConfigError(msg)
+        self._it: Iterator[Any] | None = None
+        self._next = -1  # step whose batch the iterator yields next
+        self._cached: tuple[int, Any] | None = None
+
+    def _sampler(self) -> Any:
+        return getattr(self.data, "sampler", None)
+
+    def _open(self, step: int) -> None:
+        epoch, offset = divmod(step, self.per_epoch)
+        sampler = self._sampler()
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        skip = offset
+        if isinstance(sampler, ResumableSampler):
+            batch_size = getattr(self.data, "batch_size", None)
+            if batch_size:
+                sampler.seek(offset * batch_size)
+                skip = 0
+        self._it = iter(self.data)
+        for _ in range(skip):  # no seekable sampler: replay the epoch up to the position
+            next(self._it)
+        self._next = step
+
+    def batch(self, step: int) -> Any:
+        """Return the batch of ``step`` (the same object again if asked twice in a row)."""
+        if self._cached is not None and self._cached[0] == step:
+            return self._cached[1]
+        if self._it is None or self._next != step or step % self.per_epoch == 0:
+            self._open(step)
+        assert self._it is not None
+        b = next(self._it)
+        self._next = step + 1
+        self._cached = (step, b)
+        return b

@@ -1,0 +1,102 @@
+"""The demo's recoverable training script: a small GPT on generated tokens.
+
+Run it under the launcher, e.g.::
+
+    mnemo launch --nproc-per-node 4 --spares 1 -m mnemosyne.jit.demo.train --steps 40
+
+With ``--out DIR`` every rank writes ``DIR/started/rank<r>.<pid>`` when its process
+starts and ``DIR/final-rank<r>.pt`` (model, optimizer and scheduler state, pid) at the
+end: the tests, the demo and the benchmark compare those files bit for bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+import mnemosyne.jit as mj
+from mnemosyne.jit.demo.data import MarkovTokens
+from mnemosyne.jit.demo.model import GPT, GPTConfig
+
+__all__ = ["build", "main", "parse_args"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options (shared with the baseline script)."""
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--block", type=int, default=64)
+    p.add_argument("--vocab", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8, help="per-rank batch size")
+    p.add_argument("--samples", type=int, default=4096)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bucket-kb", type=int, default=25 * 1024, help="gradient bucket size")
+    p.add_argument("--step-sleep", type=float, default=0.0, help="extra seconds per step (slows the demo down)")
+    p.add_argument("--log-steps", action="store_true", help="write a step event per step")
+    p.add_argument("--out", default=None, help="folder for start markers and final state")
+    return p.parse_args(argv)
+
+
+def build(args: argparse.Namespace, device: torch.device) -> tuple[GPT, torch.optim.Optimizer, Any, MarkovTokens]:
+    """Model, optimizer, LR scheduler and dataset, identical on every rank."""
+    torch.manual_seed(args.seed)
+    cfg = GPTConfig(vocab=args.vocab, block=args.block, layers=args.layers, heads=args.heads, dim=args.dim)
+    model = GPT(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    warm = max(1, args.steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    data = MarkovTokens(args.samples, args.block, args.vocab, seed=1234)
+    return model, opt, sched, data
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Train; write the final state when ``--out`` is given."""
+    args = parse_args(argv)
+    rank = int(os.environ.get("MNEMOSYNE_RANK", "0"))
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        (out / "started").mkdir(parents=True, exist_ok=True)
+        (out / "started" / f"rank{rank}.{os.getpid()}").touch()
+    if torch.cuda.is_available():
+        local = int(os.environ.get("MNEMOSYNE_LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    model, opt, sched, data = build(args, device)
+
+    job = mj.init(model, opt, scheduler=sched, seed=args.seed, bucket_bytes=args.bucket_kb * 1024,
+                  log_steps=args.log_steps)
+    sampler = mj.ResumableSampler(data, job.world_size, job.rank, shuffle=True, seed=args.seed)
+    loader = DataLoader(data, batch_size=args.batch, sampler=sampler, drop_last=True)
+    for step in job.steps(loader, max_steps=args.steps):
+        with step:
+            x, y = (t.to(device) for t in step.batch)
+            loss = model(x, y)
+            loss.backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if args.step_sleep:
+                time.sleep(args.step_sleep)
+    if out is not None:
+        final = {"model": model.state_dict(), "optim": opt.state_dict(), "sched": sched.state_dict(),
+                 "pid": os.getpid(), "committed": job.committed, "recoveries": job.recoveries}
+        tmp = out / f"final-rank{rank}.pt.tmp"
+        torch.save(final, tmp)
+        tmp.rename(out / f"final-rank{rank}.pt")
+    job.close()
+
+
+if __name__ == "__main__":
+    main()

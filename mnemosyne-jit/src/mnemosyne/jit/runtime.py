@@ -1,0 +1,498 @@
+"""The training-side runtime: wrap model and optimizer once, iterate steps, heal in place.
+
+Usage (launched with ``mnemo launch``)::
+
+    job = mnemosyne.jit.init(model, optimizer, scheduler=scheduler)
+    for step in job.steps(loader, max_steps=1000):
+        with step:
+            loss = loss_fn(model(step.batch))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    job.close()
+
+What happens underneath, per step ``k``: the batch of step ``k`` is fetched, the RNGs are
+set to the state derived from (seed, rank, k), the body runs; ``optimizer.step()`` first
+averages gradients over fixed flat buckets (a deterministic layout, see
+:mod:`mnemosyne.jit._gradsync`), then updates; leaving the ``with`` block commits step
+``k`` (a counter; the watchdog thread turns it into a heartbeat).
+
+When a peer fails, the agent publishes a new membership epoch; the watchdog aborts the
+communicator; the blocked collective raises inside the ``with`` block, which swallows
+it, discards the partial step (gradients), and the iterator runs recovery: rebuild the
+communicator for the new epoch, agree on committed steps, receive state from donors if
+behind, and resume at the agreed step. Healthy processes never exit.
+
+An exception raised by user code inside a step is reported to the agent (store and event
+log) and the process exits with :data:`EXIT_EXCEPTION`; the agent replaces the rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import random
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from mnemosyne.core.env import (
+    MNEMOSYNE_EPOCH,
+    MNEMOSYNE_EVENT_LOG,
+    MNEMOSYNE_INJECT,
+    MNEMOSYNE_JOB_ID,
+    MNEMOSYNE_RANK,
+    MNEMOSYNE_STORE_ADDR,
+    MNEMOSYNE_WORLD_SIZE,
+    env_int,
+    env_str,
+)
+from mnemosyne.core.errors import CommError, ConfigError, MnemosyneError, RecoveryError
+from mnemosyne.core.events import EventKind, EventLog, phase
+from mnemosyne.core.log import ContextAdapter
+from mnemosyne.core.membership import Membership
+from mnemosyne.core.state import Stateful
+from mnemosyne.jit import _keys
+from mnemosyne.jit._comm import TorchBackend
+from mnemosyne.jit._gradsync import DEFAULT_BUCKET_BYTES, GradSync
+from mnemosyne.jit._recovery import NO_STATE, agree, transfer, wait_key
+from mnemosyne.jit._store import connect_store
+from mnemosyne.jit._watchdog import Watchdog
+from mnemosyne.jit.data import DataCursor
+from mnemosyne.jit.inject import InjectedFault, Injector, parse_plans
+
+__all__ = ["EXIT_EXCEPTION", "Job", "Step", "init"]
+
+logger = logging.getLogger(__name__)
+
+#: Exit code of a trainer that died of an exception in a step (after reporting it).
+EXIT_EXCEPTION = 17
+#: Exit code of a trainer that found itself replaced (no longer a member).
+EXIT_REPLACED = 18
+
+# How long a rank that saw a communicator error waits for the agent's new epoch before
+# asking for a rebuild of the same members (an error no process death explains).
+_REBUILD_GRACE = 10.0
+
+
+def _rng_seed(seed: int, rank: int, step: int) -> int:
+    digest = hashlib.blake2b(f"{seed}/{rank}/{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class Step:
+    """One training step: a context manager around the step body (see :meth:`Job.steps`).
+
+    Attributes:
+        index: Step index (0-based).
+        batch: The batch of this step.
+    """
+
+    def __init__(self, job: Job, index: int, batch: Any) -> None:
+        self.job = job
+        self.index = index
+        self.batch = batch
+        self.entered = False
+        self.failed = False
+
+    def __enter__(self) -> Step:
+        self.entered = True
+        self.job._enter_step(self.index)
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: Any) -> bool:
+        if ev is None:
+            return False
+        if isinstance(ev, (KeyboardInterrupt, SystemExit)):
+            return False
+        if self.job._is_comm_failure(ev):
+            self.job._discard(self.index, ev)
+            self.failed = True
+            return True
+        self.job._die_of_exception(self.index, ev)
+        return False  # not reached
+
+
+class Job:
+    """One trainer's view of a recoverable data-parallel job (create with :func:`init`).
+
+    Args:
+        model: The model (one replica per rank; not wrapped in DDP).
+        optimizer: Its optimizer; gradients are averaged when ``step()`` is called.
+        scheduler: Optional LR scheduler (its state is recovered).
+        seed: Base of the per-step RNG seeds (torch CPU/CUDA, numpy, python); None
+            leaves the RNGs alone (they are then not covered by recovery).
+        extra: Further state to recover, by name: objects with ``state_dict`` and
+            ``load_state_dict`` whose state is identical on every rank.
+        bucket_bytes: Gradient bucket size.
+        log_steps: Write a ``step`` event per committed step (benchmarks, demo).
+        timeout: Bound, in seconds, of every wait during recovery.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, scheduler: Any = None,
+                 seed: int | None = 0, extra: Mapping[str, Stateful] | None = None,
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, log_steps: bool = False, timeout: float = 120.0) -> None:
+        job_id = env_str(MNEMOSYNE_JOB_ID)
+        addr = env_str(MNEMOSYNE_STORE_ADDR)
+        rank = env_int(MNEMOSYNE_RANK)
+        world = env_int(MNEMOSYNE_WORLD_SIZE)
+        if not job_id or not addr or rank is None or world is None:
+            msg = ("mnemosyne.jit.init: this process was not started by the Mnemosyne launcher "
+                   f"({MNEMOSYNE_JOB_ID}, {MNEMOSYNE_STORE_ADDR}, {MNEMOSYNE_RANK}, {MNEMOSYNE_WORLD_SIZE} "
+                   "must be set); run it with `mnemo launch --nproc-per-node N script.py`")
+            raise ConfigError(msg)
+        self.job_id = job_id
+        self.rank = rank
+        self.world_size = world
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.seed = seed
+        self.extra = dict(extra or {})
+        self.bucket_bytes = bucket_bytes
+        self.log_steps = log_steps
+        self.timeout = timeout
+        start_epoch = env_int(MNEMOSYNE_EPOCH, 0) or 0
+        self._root = connect_store(addr)
+        self.store = self._root.prefixed(job_id)
+        self.log = EventLog(env_str(MNEMOSYNE_EVENT_LOG), job_id, rank, start_epoch)
+        self.logger = ContextAdapter(logger, job_id, rank, start_epoch)
+        first = next(iter(model.parameters()), None)
+        self.device = first.device if first is not None else torch.device("cpu")
+        self._backend = TorchBackend("nccl" if self.device.type == "cuda" else "gloo")
+        self._member = Membership.from_json(self.store.get(_keys.membership(start_epoch), timeout)).members.get(rank)
+        self.epoch = start_epoch
+        self.committed = NO_STATE
+        self.next_step = 0
+        self.recoveries = 0
+        self._comm: Any = None
+        self._gradsync: GradSync | None = None
+        self._elock = threading.Lock()
+        self._known_epoch = start_epoch
+        self._notice: float | None = None
+        self._interrupt = threading.Event()
+        self._pos: dict[str, Any] = {"step": 0, "phase": "init", "coll": True, "committed": NO_STATE,
+                                     "epoch": start_epoch}
+        self._synced = -1
+        self._applied = -1
+        self._torn = False
+        self._step_start = 0.0
+        self._grads_were_none = True
+        self._started = -1
+        self._needs_recovery = False
+        self._closed = False
+        self.injector = Injector(rank, self.store, self.log)
+        self.injector.add(parse_plans(env_str(MNEMOSYNE_INJECT, "") or ""))
+        self._hooks = [optimizer.register_step_pre_hook(self._pre_step),
+                       optimizer.register_step_post_hook(self._post_step)]
+        self.watchdog = Watchdog(self._root.clone().prefixed(job_id), rank, start_epoch, self._on_epoch,
+                                 self._position, self.injector)
+        self.watchdog.start()
+        self.log.emit(EventKind.INFO, "trainer_start", member=self._member, start_epoch=start_epoch)
+        self._recover(first=True)
+
+    # ----------------------------------------------------------------- steady state
+    def _position(self) -> dict[str, Any]:
+        return dict(self._pos)
+
+    def _set_pos(self, step: int, where: str, coll: bool = False) -> None:
+        self._pos = {"step": step, "phase": where, "coll": coll, "committed": self.committed, "epoch": self.epoch}
+
+    def steps(self, data: Iterable[Any], max_steps: int) -> Iterator[Step]:
+        """Yield one :class:`Step` per training step, from the recovered position to ``max_steps``.
+
+        Each step must be used as ``with step:``. After a failure the iterator recovers
+        and yields the step to redo (the same index, or the next one when this rank was
+        behind the donors). Returns once every rank finished ``max_steps`` steps.
+
+        Raises:
+            ConfigError: A step was not entered with ``with``.
+        """
+        cursor = DataCursor(data)
+        while True:
+            if self._needs_recovery:
+                self._recover()
+            k = self.next_step
+            if k >= max_steps:
+                if self._finish():
+                    return
+                continue
+            batch = cursor.batch(k)
+            if self.seed is not None:
+                s = _rng_seed(self.seed, self.rank, k)
+                torch.manual_seed(s)
+                random.seed(s)
+                np.random.seed(s % (2**32))
+            step = Step(self, k, batch)
+            self._step_start = time.perf_counter()
+            yield step
+            if not step.entered:
+                msg = "each step from Job.steps() must be run as `with step: ...` (it marks the step boundary)"
+                raise ConfigError(msg)
+            if step.failed:
+                self._needs_recovery = True
+                continue
+            self._commit(k)
+
+    def _enter_step(self, k: int) -> None:
+        self._started = k
+        self._grads_were_none = all(p.grad is None for p in self.model.parameters())
+        self._set_pos(k, "forward")
+        try:
+            self.injector.maybe_fire(k, "forward")
+        except Exception as exc:  # raised in __enter__, so __exit__ would not see it
+            self._die_of_exception(k, exc)
+
+    def sync_gradients(self) -> None:
+        """Average gradients now (``optimizer.step()`` calls it when it was not called yet).
+
+        Call it yourself between backward and the optimizer when something there needs the
+        averaged gradients (gradient clipping, a GradScaler's unscale).
+        """
+        k = self._started
+        if self._synced == k:
+            return
+        if self._gradsync is None or self._comm is None:
+            msg = "gradient sync outside a step or before the job is ready"
+            raise RecoveryError(msg)
+        self._set_pos(k, "allreduce", coll=True)
+        fire_at = min(1, len(self._gradsync.buckets) - 1)
+
+        def between(i: int) -> None:
+            if i == fire_at:
+                self.injector.maybe_fire(k, "allreduce")
+
+        self._gradsync.sync(self._comm, between)
+        if self.device.type == "cuda":
+            # NCCL completes asynchronously: make sure the reduction really finished
+            # (or was aborted) before the optimizer reads the gradients.
+            torch.cuda.current_stream().synchronize()
+            if self._comm.aborted:
+                msg = f"communicator of epoch {self.epoch} aborted during the gradient reduction"
+                raise CommError(msg)
+        self._synced = k
+        self._set_pos(k, "optimizer")
+
+    def _pre_step(self, *_: Any) -> None:
+        self.sync_gradients()
+
+    def _post_step(self, *_: Any) -> None:
+        self._applied = self._started
+        self.injector.maybe_fire(self._started, "optimizer")
+
+    def _commit(self, k: int) -> None:
+        dt = time.perf_counter() - self._step_start
+        self.committed = k
+        self.next_step = k + 1
+        self._set_pos(k + 1, "boundary")
+        if self.log_steps:
+            self.log.emit(EventKind.STEP, "step", dt, step=k)
+
+    # ----------------------------------------------------------------- failures
+    def _on_epoch(self, epoch: int) -> None:
+        """Watchdog thread: a newer epoch exists; abort the communicator now."""
+        with self._elock:
+            self._known_epoch = epoch
+            self._notice = time.perf_counter()
+            comm = self._comm
+            if comm is None or comm.epoch < epoch:
+                self._interrupt.set()
+        if comm is not None and comm.epoch < epoch:
+            comm.abort(f"membership epoch {epoch} published")
+        self.logger.info("membership epoch %d seen; communicator aborted", epoch)
+
+    def _is_comm_failure(self, exc: BaseException) -> bool:
+        if isinstance(exc, CommError):
+            return True
+        # Anything raised while the membership is changing is a consequence of it
+        # (e.g. a torch error from a transport whose peer vanished).
+        return self._interrupt.is_set() or (self._comm is not None and self._comm.aborted)
+
+    def _discard(self, k: int, exc: BaseException) -> None:
+        """Drop the partial step ``k`` (its gradients); note a torn update."""
+        if self._applied == k:
+            # The optimizer already updated this replica in step k but the step did not
+            # finish: its state is neither step k-1's nor a committed step k's.
+            self._torn = True
+        for p in self.model.parameters():
+            if p.grad is not None:
+                if self._grads_were_none:
+                    p.grad = None
+                else:
+                    p.grad.zero_()
+        self._set_pos(k, "aborted", coll=True)
+        self.logger.info("step %d aborted: %s", k, exc)
+
+    def _die_of_exception(self, k: int, exc: BaseException) -> None:
+        """Report an exception of user code to the agent and exit (the agent replaces us)."""
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        sys.stderr.write(text)
+        info = {"kind": "exception", "type": type(exc).__name__, "message": str(exc)[:500], "step": k,
+                "phase": self._pos.get("phase")}
+        try:
+            self.store.set(_keys.report(self.rank, os.getpid()), json.dumps(info).encode())
+            self.log.emit(EventKind.DETECT, "exception", step=k, error=f"{type(exc).__name__}: {exc}"[:500])
+        except MnemosyneError:
+            pass  # the store is gone: the agent still sees the exit
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_EXCEPTION)
+
+    # ----------------------------------------------------------------- recovery
+    def _adopt(self, min_epoch: int) -> int:
+        """Wait for an epoch >= ``min_epoch`` and make the newest one current."""
+        asked = False
+        deadline = time.monotonic() + _REBUILD_GRACE
+        while True:
+            with self._elock:
+                e = self._known_epoch
+                if e >= min_epoch:
+                    self.epoch = e
+                    self.log.epoch = e
+                    self.logger.epoch = e
+                    self._interrupt.clear()
+                    return e
+            if time.monotonic() > deadline:
+                if asked:
+                    msg = f"no membership epoch >= {min_epoch} was published after a communicator failure"
+                    raise RecoveryError(msg)
+                self.logger.warning("communicator failed with no membership change; asking for a rebuild")
+                self.store.add(_keys.REBUILD_REQUEST, 1)
+                asked = True
+                deadline = time.monotonic() + max(self.timeout, _REBUILD_GRACE)
+            time.sleep(0.002)
+
+    def _state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"model": self.model.state_dict(), "optim": self.optimizer.state_dict()}
+        if self.scheduler is not None:
+            state["sched"] = self.scheduler.state_dict()
+        state["extra"] = {name: obj.state_dict() for name, obj in self.extra.items()}
+        return state
+
+    def _load(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optim"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["sched"])
+        for name, obj in self.extra.items():
+            obj.load_state_dict(state["extra"][name])
+
+    def _recover(self, first: bool = False) -> None:
+        t0 = time.perf_counter()
+        notice = self._notice
+        if not first:
+            self.recoveries += 1
+            abort_s = t0 - notice if notice is not None else 0.0
+            self.log.emit(EventKind.PHASE, "abort", abort_s, ok=True, step=self._started)
+        self._gradsync = None
+        min_epoch = self.epoch if first else self.epoch + 1
+        while True:
+            epoch = self._adopt(min_epoch)
+            members = Membership.from_json(self.store.get(_keys.membership(epoch), self.timeout))
+            if members.members.get(self.rank) != self._member:
+                self.logger.warning("replaced in epoch %d (holder now %s); exiting", epoch,
+                                    members.members.get(self.rank))
+                os._exit(EXIT_REPLACED)
+            ranks = list(members.ranks)
+            self._set_pos(self.next_step, "recovery", coll=True)
+            try:
+                with phase(self.log, "repair", first=first, backend=self._backend.backend):
+                    old, self._comm = self._comm, None
+                    if old is not None:
+                        old.close()
+                    comm = self._backend.create(self.store, self.rank, len(ranks), epoch=epoch,
+                                                timeout=self.timeout, interrupt=self._interrupt)
+                    with self._elock:
+                        self._comm = comm
+                        stale = self._known_epoch > epoch
+                    if stale:
+                        comm.abort("a newer epoch appeared while building")
+                committed = NO_STATE if self._torn else self.committed
+                with phase(self.log, "agree") as t:
+                    plan = agree(self.store, epoch, self.rank, ranks, committed, self._started,
+                                 self._interrupt, self.timeout)
+                    t.fields.update(top=plan.top, donors=plan.donors, receivers=plan.receivers)
+                try:
+                    self.injector.maybe_fire(plan.resume_step, "recovery")
+                except InjectedFault as exc:
+                    self._die_of_exception(self._started, exc)
+                with phase(self.log, "transfer", first=first) as t:
+                    received, nbytes = transfer(self._comm, self.store, epoch, self.rank, plan, self.device,
+                                                self._state, self._interrupt, self.timeout)
+                    t.fields.update(bytes=nbytes, donors=len(plan.donors), receivers=len(plan.receivers),
+                                    role="receiver" if received is not None else "donor")
+                if received is not None:
+                    self._load(received)
+                with phase(self.log, "resume", first=first):
+                    self._comm.barrier()
+            except (CommError, RecoveryError) as exc:
+                if self._interrupt.is_set() or self._known_epoch > epoch:
+                    self.logger.info("recovery of epoch %d interrupted: %s", epoch, exc)
+                    min_epoch = epoch + 1
+                    continue
+                if isinstance(exc, CommError):
+                    min_epoch = epoch + 1  # a member died before the agent told us
+                    continue
+                raise
+            break
+        self.committed = plan.top
+        self.next_step = plan.resume_step
+        self._torn = False
+        self._synced = -1
+        self._applied = -1
+        self._needs_recovery = False
+        self._gradsync = GradSync(list(self.model.parameters()), self.bucket_bytes)
+        self._set_pos(self.next_step, "boundary")
+        redone = max(0, self._started - plan.resume_step + 1) if self._started >= 0 else 0
+        self.log.emit(EventKind.RECOVERED, "start" if first else "recovered", time.perf_counter() - t0,
+                      resume_step=plan.resume_step, started=self._started, steps_redone=redone,
+                      role="receiver" if self.rank in plan.receivers else "donor",
+                      max_started=max(plan.started.values(), default=-1))
+        self._started = -1
+
+    def _finish(self) -> bool:
+        """Wait until every rank finished; False if a recovery is needed first."""
+        self._set_pos(self.next_step, "finish", coll=True)
+        self.store.set(_keys.done(self.rank), str(self.epoch).encode())
+        try:
+            for r in range(self.world_size):
+                wait_key(self.store, _keys.done(r), self._interrupt, 24 * 3600.0)
+        except CommError:
+            self._needs_recovery = True
+            self._started = -1
+            return False
+        return True
+
+    def close(self) -> None:
+        """Stop the watchdog and close the event log (call once, after the last step)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.log.emit(EventKind.INFO, "trainer_done", committed=self.committed, recoveries=self.recoveries)
+        self.watchdog.stop()
+        self.watchdog.join(timeout=2.0)
+        self._set_pos(self.next_step, "closed", coll=True)
+        with contextlib.suppress(MnemosyneError):
+            self.watchdog.beat()  # last heartbeat: the agent stops watching this rank for hangs
+        for h in self._hooks:
+            h.remove()
+        self.log.close()
+
+
+def init(model: torch.nn.Module, optimizer: torch.optim.Optimizer, **kwargs: Any) -> Job:
+    """Connect to the job, synchronise this rank's state, and return its :class:`Job`.
+
+    Called once per process, after model, optimizer (and scheduler) are built. A
+    replacement process receives the current state from donors inside this call.
+    See :class:`Job` for the keyword arguments.
+    """
+    return Job(model, optimizer, **kwargs)

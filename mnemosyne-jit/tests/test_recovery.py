@@ -1,0 +1,152 @@
+"""Real 4-rank jobs (Gloo on loopback, real SIGKILL/SIGSTOP/segfaults/exceptions).
+
+Each faulted run must end bit for bit equal to the fault-free run, redo at most one
+step, fire each planned fault exactly once, and leave every healthy rank's process in
+place (one pid per healthy rank for the whole job).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from mnemosyne.core.events import EventKind, read_events
+from mnemosyne.jit.inject import parse_plans
+from mnemosyne.jit.summary import incidents
+from mnemosyne.jit.testing import TINY, compare_final_states, launch, started_pids
+
+pytestmark = pytest.mark.slow
+
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    run = launch(tmp_path_factory.mktemp("ref"), steps=STEPS, timeout=100)
+    assert run.returncode == 0, run.output[-3000:]
+    assert all(len(p) == 1 for p in run.pids().values())
+    assert not [e for e in run.events if e.kind == EventKind.DETECT]
+    return run
+
+
+CASES = {
+    "kill-forward": "rank=1,step=3,kind=kill,phase=forward",
+    "hang-allreduce": "rank=2,step=4,kind=hang,phase=allreduce",
+    "exception-optimizer": "rank=3,step=2,kind=exception,phase=optimizer",
+    "segfault-allreduce": "rank=0,step=5,kind=segfault,phase=allreduce",
+    "kill-optimizer": "rank=2,step=5,kind=kill,phase=optimizer",
+    "kill-during-recovery": "rank=1,step=3,kind=kill,phase=forward;rank=2,step=3,kind=exception,phase=recovery",
+}
+
+
+def _check_recovered(run, reference, plan_text):
+    plans = parse_plans(plan_text)
+    assert run.returncode == 0, run.output[-4000:]
+    diffs = compare_final_states(reference.out, run.out, 4)
+    assert not diffs, diffs[:10]
+    faults = [e for e in run.events if e.kind == EventKind.FAULT]
+    assert sorted(e.fields["plan"] for e in faults) == sorted(p.to_text() for p in plans)  # each fired once
+    detects = [e for e in run.events if e.kind == EventKind.DETECT and e.rank == -1]
+    want_cause = {"kill": "kill", "hang": "hang", "exception": "exception", "segfault": "segfault"}
+    assert sorted(e.name for e in detects) == sorted(want_cause[p.kind] for p in plans)
+    redone = [e.fields["steps_redone"] for e in run.events if e.kind == EventKind.RECOVERED]
+    assert max(redone) <= 1
+    pids = run.pids()
+    faulted = {p.rank for p in plans}
+    for rank in range(4):
+        if rank in faulted:
+            assert len(pids[rank]) >= 2, pids
+        else:
+            assert len(pids[rank]) == 1, f"healthy rank {rank} was restarted: {pids}"
+    finals = {r: run.final(r)["pid"] for r in range(4)}
+    for rank in set(range(4)) - faulted:
+        assert finals[rank] == pids[rank][0]
+    return incidents(run.events)
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("case", list(CASES))
+def test_fault_heals_in_place_bit_for_bit(tmp_path, reference, case):
+    run = launch(tmp_path, steps=STEPS, inject=CASES[case], timeout=120)
+    incs = _check_recovered(run, reference, CASES[case])
+    assert len(incs) == 1
+    inc = incs[0]
+    assert inc.steps_redone <= 1
+    assert inc.bytes_transferred > 0 and inc.donors >= 2
+    if "hang" in case:
+        assert inc.phases_s["detect"] < 15  # liveness timeout, not a transport timeout
+
+
+@pytest.mark.timeout(150)
+def test_mnemo_inject_into_running_job(tmp_path, reference):
+    job = f"inj{os.getpid()}"
+    cmd = [sys.executable, "-m", "mnemosyne.cli", "launch", "--nproc-per-node", "4", "--spares", "1",
+           "--job-id", job, "--event-log", str(tmp_path / "events.jsonl"), "-m", "mnemosyne.jit.demo.train",
+           "--steps", str(STEPS), "--out", str(tmp_path), "--step-sleep", "0.4", *TINY]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            log = tmp_path / "events.jsonl"
+            ev = read_events(log, strict=False) if log.exists() else []
+            if sum(e.name == "trainer_start" for e in ev) >= 4:
+                break
+            time.sleep(0.1)
+        out = subprocess.run([sys.executable, "-m", "mnemosyne.cli", "inject", "--job", job, "--rank", "3",
+                              "--at-step", "6", "--kind", "kill", "--phase", "allreduce"],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        output, _ = proc.communicate(timeout=100)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    from mnemosyne.jit.testing import JobRun
+
+    run = JobRun(proc.returncode, tmp_path, read_events(tmp_path / "events.jsonl", strict=False),
+                 output.decode(errors="replace"))
+    _check_recovered(run, reference, "rank=3,step=6,kind=kill,phase=allreduce")
+
+
+@pytest.mark.timeout(90)
+def test_sigint_stops_the_whole_job(tmp_path):
+    cmd = [sys.executable, "-m", "mnemosyne.cli", "launch", "--nproc-per-node", "2", "--spares", "1",
+           "--event-log", str(tmp_path / "events.jsonl"), "-m", "mnemosyne.jit.demo.train",
+           "--steps", "100000", "--out", str(tmp_path), "--step-sleep", "0.05", *TINY]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            log = tmp_path / "events.jsonl"
+            ev = read_events(log, strict=False) if log.exists() else []
+            if sum(e.kind == EventKind.RECOVERED for e in ev) >= 2:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("job did not start")
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=20)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGINT
+    ev = read_events(tmp_path / "events.jsonl", strict=False)
+    children = [int(e.fields["pid"]) for e in ev if e.name in ("trainer_start", "spare_start")]
+    children += [p for ps in started_pids(tmp_path).values() for p in ps]
+    time.sleep(0.2)
+    alive = []
+    for pid in set(children):
+        try:
+            os.kill(pid, 0)
+            with open(f"/proc/{pid}/stat") as fh:
+                if fh.read().split()[2] != "Z":
+                    alive.append(pid)
+        except (ProcessLookupError, FileNotFoundError):
+            pass
+    assert not alive, f"orphans left: {alive}"
+    assert json.dumps([e.name for e in ev]).count("stopped") == 1

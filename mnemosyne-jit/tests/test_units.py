@@ -1,0 +1,180 @@
+import math
+import threading
+import time
+
+import pytest
+import torch
+
+from mnemosyne.core.comm import ReduceOp
+from mnemosyne.core.errors import CommAborted, ConfigError, StateError
+from mnemosyne.jit._comm import TorchBackend
+from mnemosyne.jit._gradsync import GradSync
+from mnemosyne.jit._state import (
+    assign_stripes,
+    flatten,
+    pack,
+    pack_plan,
+    spec_of,
+    unflatten,
+    unpack,
+)
+from mnemosyne.jit._store import host_store
+from mnemosyne.jit.data import DataCursor, ResumableSampler
+from mnemosyne.jit.inject import FaultPlan, parse_plans
+
+
+def test_flatten_roundtrip_keeps_types_and_bits():
+    t1 = torch.randn(3, 4)
+    t2 = torch.tensor(5.0)
+    obj = {"a": (1, 2.5, None), 7: [t1, {"x": t2, "nan": float("nan"), "f": 0.1 + 0.2}], "s": "text", "b": True}
+    tensors = []
+    skel = flatten(obj, tensors)
+    import json
+
+    skel = json.loads(json.dumps(skel))  # what travels through the store
+    back = unflatten(skel, tensors)
+    assert isinstance(back["a"], tuple) and back["a"] == (1, 2.5, None)
+    assert 7 in back and back[7][0] is t1 and back[7][1]["x"] is t2
+    assert back[7][1]["f"] == 0.1 + 0.2 and math.isnan(back[7][1]["nan"])
+    assert back["s"] == "text" and back["b"] is True
+
+
+def test_flatten_rejects_unknown_objects_naming_the_path():
+    with pytest.raises(StateError, match="/k/0"):
+        flatten({"k": [object()]}, [])
+
+
+def test_stripes_balance_and_pack_roundtrip():
+    ts = [torch.randn(100), torch.randn(10, 10), torch.tensor(3.0), torch.tensor([True, False]), torch.arange(7)]
+    specs = [spec_of(t) for t in ts]
+    owner = assign_stripes(specs, [0, 2])
+    assert owner == assign_stripes(specs, [0, 2])  # deterministic
+    assert set(owner) == {0, 2}
+    for donor in (0, 2):
+        for idxs in pack_plan(specs, owner, donor):
+            buf = pack([ts[i] for i in idxs], torch.device("cpu"))
+            out = unpack(buf, [specs[i] for i in idxs], torch.device("cpu"))
+            for i, t in zip(idxs, out, strict=True):
+                assert t.dtype == ts[i].dtype and torch.equal(t, ts[i])
+
+
+def test_fault_plans_parse_and_validate():
+    plans = parse_plans("rank=1,step=3,kind=kill,phase=forward; rank=2,step=4,kind=hang")
+    assert plans[0] == FaultPlan(1, 3, "kill", "forward", "env0")
+    assert plans[1].phase == "forward" and plans[1].plan_id == "env1"
+    with pytest.raises(ConfigError, match="kind"):
+        parse_plans("rank=1,step=3,kind=explode")
+    with pytest.raises(ConfigError, match="missing"):
+        parse_plans("rank=1,kind=kill")
+    with pytest.raises(ConfigError, match="phase"):
+        parse_plans("rank=1,step=2,kind=kill,phase=backward")
+
+
+def test_resumable_sampler_seek_equals_tail():
+    s = ResumableSampler(101, num_replicas=4, rank=1, shuffle=True, seed=3)
+    s.set_epoch(2)
+    full = list(s)
+    s.set_epoch(2)
+    s.seek(10)
+    assert list(s) == full[10:]
+    assert len(full) == 26
+    s.set_epoch(3)
+    assert list(s) != full
+
+
+def test_data_cursor_repositions_exactly():
+    from torch.utils.data import DataLoader
+
+    data = torch.arange(40)
+    sampler = ResumableSampler(40, num_replicas=2, rank=0, shuffle=True, seed=1)
+    loader = DataLoader(data, batch_size=4, sampler=sampler)
+    seq = DataCursor(loader)
+    want = [seq.batch(k).tolist() for k in range(12)]  # crosses two epoch boundaries
+    jump = DataCursor(loader)
+    assert jump.batch(7).tolist() == want[7]
+    assert jump.batch(7).tolist() == want[7]  # asked again: same batch
+    assert jump.batch(8).tolist() == want[8]
+    assert jump.batch(5).tolist() == want[5]  # back after a recovery
+    assert [jump.batch(k).tolist() for k in range(6, 12)] == want[6:]
+    plain = DataCursor([[1], [2], [3]])  # no seekable sampler: replayed
+    assert plain.batch(4) == [2]
+
+
+def _pair(port_store, size, fn):
+    """Run fn(rank, comm) for ranks 0..size-1 in threads of this process over a real Gloo group."""
+    backend = TorchBackend("gloo")
+    results, errors = {}, {}
+
+    def body(rank):
+        try:
+            store = port_store.clone().prefixed("t")
+            comm = backend.create(store, rank, size, epoch=0, timeout=30)
+            results[rank] = fn(rank, comm)
+        except BaseException as exc:
+            errors[rank] = exc
+
+    threads = [threading.Thread(target=body, args=(r,)) for r in range(size)]
+    for t in threads:
+        t.start()
+    return threads, results, errors
+
+
+@pytest.mark.timeout(60)
+def test_gradsync_averages_with_a_fixed_layout():
+    server = host_store()
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    grads = []
+    for r, m in enumerate(models):
+        for p in m.parameters():
+            p.grad = torch.full_like(p, float(r + 1))
+        grads.append([p.grad.clone() for p in m.parameters()])
+
+    def fn(rank, comm):
+        gs = GradSync(list(models[rank].parameters()), bucket_bytes=64 * 4)
+        gs.sync(comm)
+        return len(gs.buckets)
+
+    threads, results, errors = _pair(server, 2, fn)
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    assert results[0] == results[1] >= 2  # several buckets, same layout on both ranks
+    for p0, p1 in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(p0.grad, p1.grad)
+        assert torch.all(p0.grad == 1.5)
+
+
+@pytest.mark.timeout(60)
+def test_abort_wakes_a_blocked_collective_at_once():
+    server = host_store()
+    released = threading.Event()
+    comms = {}
+
+    def fn(rank, comm):
+        comms[rank] = comm
+        if rank == 1:
+            released.wait(20)  # never joins the all-reduce: rank 0 stays blocked
+            return "idle"
+        t = torch.ones(4)
+        start = time.monotonic()
+        try:
+            comm.all_reduce(t, ReduceOp.SUM)
+        except CommAborted:
+            return time.monotonic() - start
+        return "completed"
+
+    threads, results, errors = _pair(server, 2, fn)
+    while 0 not in comms:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    comms[0].abort("test")
+    threads[0].join(10)
+    released.set()
+    threads[1].join(10)
+    assert not errors, errors
+    assert isinstance(results[0], float) and results[0] < 2.0
+    assert comms[0].aborted
+    with pytest.raises(CommAborted):
+        comms[0].all_reduce(torch.ones(1))
