@@ -125,7 +125,9 @@ def run_demo(args: argparse.Namespace) -> int:
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="mnemo-demo-"))
     kill_step = args.kill_step if args.kill_step is not None else args.steps // 2
     plan = FaultPlan(args.kill_rank, kill_step, args.kind, args.phase)
-    backend = "NCCL" if torch.cuda.is_available() else "Gloo, CPU"
+    from mnemosyne.jit.demo.train import uses_gpus
+
+    backend = "NCCL" if uses_gpus(args.nproc) else "Gloo, CPU"
     console.print(f"[bold]mnemo demo[/bold]: small GPT, {args.nproc} ranks ({backend}), {args.steps} steps; "
                   f"fault: {plan.kind} rank {plan.rank} at step {plan.step} ({plan.phase}). Work dir: {work}")
     faulted, reference = work / "faulted", work / "reference"

@@ -47,6 +47,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def uses_gpus(nproc: int) -> bool:
+    """Whether ``nproc`` ranks on this node each get a GPU of their own (NCCL needs one per rank)."""
+    return torch.cuda.is_available() and torch.cuda.device_count() >= nproc
+
+
+def pick_device(nproc: int, local_rank: int) -> torch.device:
+    """This rank's GPU when every local rank has one, else the CPU (Gloo)."""
+    if uses_gpus(nproc):
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
 def build(args: argparse.Namespace, device: torch.device) -> tuple[GPT, torch.optim.Optimizer, Any, MarkovTokens]:
     """Model, optimizer, LR scheduler and dataset, identical on every rank."""
     torch.manual_seed(args.seed)
@@ -67,12 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     if out is not None:
         (out / "started").mkdir(parents=True, exist_ok=True)
         (out / "started" / f"rank{rank}.{os.getpid()}").touch()
-    if torch.cuda.is_available():
-        local = int(os.environ.get("MNEMOSYNE_LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
+    device = pick_device(int(os.environ.get("MNEMOSYNE_WORLD_SIZE", "1")),
+                         int(os.environ.get("MNEMOSYNE_LOCAL_RANK", "0")))
     model, opt, sched, data = build(args, device)
 
     job = mj.init(model, opt, scheduler=sched, seed=args.seed, bucket_bytes=args.bucket_kb * 1024,
