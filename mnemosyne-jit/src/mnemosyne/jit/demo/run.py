@@ -119,7 +119,6 @@ def run_demo(args: argparse.Namespace) -> int:
     except ImportError as exc:
         what = "rich (for the demo's view)"
         raise MissingDependencyError(what, "pip install mnemosyne-cli") from exc
-    import torch
 
     console = Console()
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="mnemo-demo-"))
