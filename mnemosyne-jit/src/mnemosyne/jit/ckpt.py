@@ -48,6 +48,7 @@ __all__ = [
     "CkptEntry",
     "VerifyReport",
     "checkpoint_name",
+    "latest",
     "list_checkpoints",
     "load",
     "read_manifest",
@@ -181,7 +182,8 @@ def write(path: str | os.PathLike[str], state: Any, *, step: int, rank: int, wor
         StoreTimeout: A writer did not report within ``timeout`` (nothing is committed;
             the staging directory stays, listed as incomplete).
     """
-    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+    from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
     final = Path(path)
     writers = sorted(set(range(world_size) if writer_ranks is None else writer_ranks))
@@ -192,6 +194,9 @@ def write(path: str | os.PathLike[str], state: Any, *, step: int, rank: int, wor
         msg = f"checkpoint {final} already exists; refusing to overwrite it"
         raise StateError(msg)
     note = progress or (lambda _: None)
+    # Keys under the checkpoint's name, so that two checkpoints sharing a store view never
+    # mix; the view itself must still be fresh per attempt (e.g. prefixed by epoch).
+    store = store.prefixed(f"ckpt/{final.name}")
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _named(state, tensors, "")
     names = sorted(tensors)
@@ -206,7 +211,7 @@ def write(path: str | os.PathLike[str], state: Any, *, step: int, rank: int, wor
     if mine:
         with warnings.catch_warnings():  # no_dist is deliberate: the store is our barrier
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled", category=UserWarning)
-            dcp.save(mine, storage_writer=dcp.FileSystemWriter(staging / sub, sync_files=True), no_dist=True)
+            dcp_save(mine, storage_writer=FileSystemWriter(staging / sub, sync_files=True), no_dist=True)
     files = _describe_files(staging, sub) if mine else {}
     note("shard")
     store.set(f"done/{rank}", json.dumps({"files": files}).encode())
@@ -214,7 +219,9 @@ def write(path: str | os.PathLike[str], state: Any, *, step: int, rank: int, wor
     if rank == coordinator:
         _commit(final, staging, store, writers, names, specs, owner, skeleton, step, world_size, meta, timeout, note)
     else:
-        got = store.get("committed", timeout).decode()
+        # The coordinator may spend ``timeout`` waiting for the last writer, then merge
+        # and hash: wait for its verdict twice as long plus slack.
+        got = store.get("committed", 2 * timeout + 30.0).decode()
         if got != "ok":
             msg = f"checkpoint {final}: the coordinator (rank {coordinator}) failed to commit: {got}"
             raise StateError(msg)
@@ -225,7 +232,7 @@ def write(path: str | os.PathLike[str], state: Any, *, step: int, rank: int, wor
 def _commit(final: Path, staging: Path, store: Store, writers: list[int], names: list[str], specs: list[TensorSpec],
             owner: dict[str, int], skeleton: Any, step: int, world_size: int, meta: dict[str, Any] | None,
             timeout: float, note: Callable[[str], None]) -> None:
-    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
     from torch.distributed.checkpoint.metadata import Metadata
     from torch.distributed.checkpoint.storage import WriteResult
 
@@ -245,7 +252,7 @@ def _commit(final: Path, staging: Path, store: Store, writers: list[int], names:
         if not (sub / _DCP_METADATA).exists():
             continue
         # Our own writers' metadata, written seconds ago to this directory (trusted).
-        part = dcp.FileSystemReader(sub).read_metadata()
+        part = FileSystemReader(sub).read_metadata()
         merged.state_dict_metadata.update(part.state_dict_metadata)
         if isinstance(part.planner_data, dict):
             merged.planner_data.update(part.planner_data)
@@ -255,7 +262,7 @@ def _commit(final: Path, staging: Path, store: Store, writers: list[int], names:
         (sub / _DCP_METADATA).unlink()
         files.pop(f"{sub.name}/{_DCP_METADATA}", None)
     # FileSystemWriter.finish serialises the merged metadata exactly as dcp.save would.
-    dcp.FileSystemWriter(staging, sync_files=True).finish(merged, [results])
+    FileSystemWriter(staging, sync_files=True).finish(merged, [results])
     files[_DCP_METADATA] = {"size": (staging / _DCP_METADATA).stat().st_size,
                             "sha256": _sha256(staging / _DCP_METADATA)}
     manifest = {
@@ -349,16 +356,25 @@ def verify(path: str | os.PathLike[str]) -> VerifyReport:
     Raises:
         CorruptStateError: Naming the file and what was expected vs found.
     """
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
     root = Path(path)
     manifest = read_manifest(root)
+    try:
+        return _verify(root, manifest)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise _corrupt(root, f"manifest {MANIFEST} is malformed: {type(exc).__name__}: {exc}") from None
+
+
+def _verify(root: Path, manifest: dict[str, Any]) -> VerifyReport:
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
     files = manifest["files"]
     if _DCP_METADATA not in files:
         raise _corrupt(root, f"manifest lists no DCP {_DCP_METADATA} file")
     total = 0
     for rel, info in files.items():
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise _corrupt(root, f"manifest lists file {rel!r} outside the checkpoint directory")
         p = root / rel
         if not p.is_file():
             raise _corrupt(root, f"file {rel} is missing (expected {info['size']} bytes)")
@@ -412,7 +428,8 @@ def load(path: str | os.PathLike[str], template: Any = None) -> tuple[Any, dict[
         CorruptStateError: The checkpoint is truncated, corrupted or incomplete (see
             :func:`verify`); nothing was read into ``template``.
     """
-    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+    from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
     from mnemosyne.jit._state import _dtype
 
@@ -431,7 +448,7 @@ def load(path: str | os.PathLike[str], template: Any = None) -> tuple[Any, dict[
     if tensors:
         with warnings.catch_warnings():  # single-process read by design
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled", category=UserWarning)
-            dcp.load(tensors, storage_reader=dcp.FileSystemReader(report.path), no_dist=True)
+            dcp_load(tensors, storage_reader=FileSystemReader(report.path), no_dist=True)
     try:
         state = _rebuild(manifest["skeleton"], tensors)
     except KeyError as exc:
@@ -484,6 +501,15 @@ def list_checkpoints(root: str | os.PathLike[str]) -> list[CkptEntry]:
         size = sum(int(f.get("size", 0)) for f in m["files"].values())
         out.append(CkptEntry(p, True, m["step"], m["world_size"], size))
     return out
+
+
+def latest(root: str | os.PathLike[str]) -> Path | None:
+    """The complete checkpoint with the highest step under ``root`` (or ``root`` itself), if any.
+
+    Only the manifest is read; call :func:`load` (which verifies everything) on the result.
+    """
+    done = [e for e in list_checkpoints(root) if e.complete and e.step is not None]
+    return max(done, key=lambda e: (e.step, e.path.name)).path if done else None
 
 
 def remove_staging(root: str | os.PathLike[str]) -> list[Path]:
