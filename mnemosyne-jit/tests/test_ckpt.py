@@ -94,6 +94,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")  # the plain dcp.load below
 def test_four_writers_share_the_work_and_load_is_bit_exact(good: Path) -> None:
     report = ckpt.verify(good)
     man = report.manifest
