@@ -236,10 +236,14 @@ class GlooCommunicator(FlexCommunicator):
     def _retire(self) -> None:
         if self._helper_q is not None:
             self._helper_q.put(None)
-        pg, self._pg = self._pg, None
-        if pg is not None:
-            threading.Thread(target=_release, args=([pg],), name="mnemosyne-gloo-release", daemon=True).start()
-            del pg
+        # The list is the group's only reference: the caller must not keep one (a local
+        # variable would be the last one once the thread cleared the list, and the
+        # destructor, which waits for the group's pending work up to its timeout, would
+        # then run in the caller's thread).
+        holder = [self._pg]
+        self._pg = None
+        if holder[0] is not None:
+            threading.Thread(target=_release, args=(holder,), name="mnemosyne-gloo-release", daemon=True).start()
 
     def close(self) -> None:
         """Abort and release the group."""
