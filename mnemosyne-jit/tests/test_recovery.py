@@ -109,22 +109,26 @@ def test_mnemo_inject_into_running_job(tmp_path, reference):
     job = f"inj{os.getpid()}"
     cmd = [sys.executable, "-m", "mnemosyne.cli", "launch", "--nproc-per-node", "4", "--spares", "1",
            "--job-id", job, "--event-log", str(tmp_path / "events.jsonl"), "-m", "mnemosyne.jit.demo.train",
-           "--steps", str(STEPS), "--out", str(tmp_path), "--step-sleep", "0.6", *TINY]
+           "--steps", str(STEPS), "--out", str(tmp_path), "--step-sleep", "0.8", *TINY]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    bad = None
     try:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             log = tmp_path / "events.jsonl"
             ev = read_events(log, strict=False) if log.exists() else []
+            if bad is None and ev:
+                # The job is up (its info file is written before the first event): a client
+                # with the wrong token tries now, while the trainers start, so that it does
+                # not eat into the steps before the real plan's. It must be refused, and the
+                # job unaffected (checked below: only the real plan fires).
+                bad = subprocess.Popen([sys.executable, "-m", "mnemosyne.cli", "inject", "--job", job, "--rank",
+                                        "0", "--at-step", "5", "--kind", "kill", "--token", "not-the-token"],
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             if sum(e.name == "trainer_start" for e in ev) >= 4:
                 break
             time.sleep(0.1)
-        # A client with the wrong token (run alongside the real one so that the job does not
-        # pass step 6 meanwhile) is refused; the job is unaffected (checked below: only
-        # the real plan fires).
-        bad = subprocess.Popen([sys.executable, "-m", "mnemosyne.cli", "inject", "--job", job, "--rank", "0",
-                                "--at-step", "5", "--kind", "kill", "--token", "not-the-token"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert bad is not None
         out = subprocess.run([sys.executable, "-m", "mnemosyne.cli", "inject", "--job", job, "--rank", "3",
                               "--at-step", "6", "--kind", "kill", "--phase", "allreduce"],
                              capture_output=True, text=True, timeout=30)
@@ -134,6 +138,9 @@ def test_mnemo_inject_into_running_job(tmp_path, reference):
         assert "AuthError" in bad_err and "refused" in bad_err, bad_err
         output, _ = proc.communicate(timeout=100)
     finally:
+        if bad is not None and bad.poll() is None:
+            bad.kill()
+            bad.wait()
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
