@@ -15,6 +15,7 @@ import time
 import pytest
 
 from mnemosyne.core.events import EventKind, read_events
+from mnemosyne.jit._select import MNEMOSYNE_JIT_BACKEND
 from mnemosyne.jit.inject import parse_plans
 from mnemosyne.jit.summary import incidents
 from mnemosyne.jit.testing import TINY, compare_final_states, launch, started_pids
@@ -30,6 +31,8 @@ def reference(tmp_path_factory):
     assert run.returncode == 0, run.output[-3000:]
     assert all(len(p) == 1 for p in run.pids().values())
     assert not [e for e in run.events if e.kind == EventKind.DETECT]
+    # The test env installs every package, so the default is mnemosyne-ccl's path.
+    assert {e.fields["backend"] for e in run.events if e.name == "trainer_start"} == {"ccl-gloo"}
     return run
 
 
@@ -79,6 +82,26 @@ def test_fault_heals_in_place_bit_for_bit(tmp_path, reference, case):
     assert inc.bytes_transferred > 0 and inc.donors >= 2
     if "hang" in case:
         assert inc.phases_s["detect"] < 15  # liveness timeout, not a transport timeout
+    repairs = [e for e in run.events if e.name == "repair" and not e.fields["first"]]
+    # Survivors repair their ccl communicator in one rebuild step; no repair waits for a
+    # transport timeout (the communicators' timeout is 120 s).
+    assert "rebuild" in {e.fields["how"] for e in repairs}
+    assert max(e.duration_s for e in repairs) < 30, [(e.rank, e.duration_s) for e in repairs]
+
+
+@pytest.mark.timeout(150)
+def test_fallback_plain_torch_distributed_heals_bit_for_bit(tmp_path, reference):
+    """MNEMOSYNE_JIT_BACKEND=torch: torch TCPStore + a fresh torch ProcessGroup per epoch.
+
+    Compared with the reference run made on mnemosyne-ccl: the reduction layout and the
+    (sorted) physical order are the same, so even the two paths agree bit for bit.
+    """
+    plan = "rank=3,step=2,kind=exception,phase=optimizer"
+    run = launch(tmp_path, steps=STEPS, inject=plan, timeout=120, env={MNEMOSYNE_JIT_BACKEND: "torch"})
+    incs = _check_recovered(run, reference, plan)
+    assert len(incs) == 1 and incs[0].steps_redone <= 1
+    assert {e.fields["backend"] for e in run.events if e.name == "trainer_start"} == {"torch-gloo"}
+    assert {e.fields["store_kind"] for e in run.events if e.name == "launch"} == {"torch"}
 
 
 @pytest.mark.timeout(150)
@@ -86,22 +109,38 @@ def test_mnemo_inject_into_running_job(tmp_path, reference):
     job = f"inj{os.getpid()}"
     cmd = [sys.executable, "-m", "mnemosyne.cli", "launch", "--nproc-per-node", "4", "--spares", "1",
            "--job-id", job, "--event-log", str(tmp_path / "events.jsonl"), "-m", "mnemosyne.jit.demo.train",
-           "--steps", str(STEPS), "--out", str(tmp_path), "--step-sleep", "0.4", *TINY]
+           "--steps", str(STEPS), "--out", str(tmp_path), "--step-sleep", "0.8", *TINY]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    bad = None
     try:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             log = tmp_path / "events.jsonl"
             ev = read_events(log, strict=False) if log.exists() else []
+            if bad is None and ev:
+                # The job is up (its info file is written before the first event): a client
+                # with the wrong token tries now, while the trainers start, so that it does
+                # not eat into the steps before the real plan's. It must be refused, and the
+                # job unaffected (checked below: only the real plan fires).
+                bad = subprocess.Popen([sys.executable, "-m", "mnemosyne.cli", "inject", "--job", job, "--rank",
+                                        "0", "--at-step", "5", "--kind", "kill", "--token", "not-the-token"],
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             if sum(e.name == "trainer_start" for e in ev) >= 4:
                 break
             time.sleep(0.1)
+        assert bad is not None
         out = subprocess.run([sys.executable, "-m", "mnemosyne.cli", "inject", "--job", job, "--rank", "3",
                               "--at-step", "6", "--kind", "kill", "--phase", "allreduce"],
                              capture_output=True, text=True, timeout=30)
+        _, bad_err = bad.communicate(timeout=30)
         assert out.returncode == 0, out.stderr
+        assert bad.returncode == 1, bad_err
+        assert "AuthError" in bad_err and "refused" in bad_err, bad_err
         output, _ = proc.communicate(timeout=100)
     finally:
+        if bad is not None and bad.poll() is None:
+            bad.kill()
+            bad.wait()
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()

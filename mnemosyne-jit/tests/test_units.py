@@ -178,3 +178,46 @@ def test_abort_wakes_a_blocked_collective_at_once():
     assert comms[0].aborted
     with pytest.raises(CommAborted):
         comms[0].all_reduce(torch.ones(1))
+
+
+@pytest.mark.timeout(30)
+def test_ccl_store_refuses_a_wrong_token_and_serves_the_right_one(monkeypatch):
+    from mnemosyne.core.errors import AuthError
+    from mnemosyne.jit._select import MNEMOSYNE_JIT_BACKEND
+    from mnemosyne.jit._store import connect_job_store, host_job_store
+
+    monkeypatch.delenv(MNEMOSYNE_JIT_BACKEND, raising=False)
+    host = host_job_store("jobA", "s3cret")
+    try:
+        assert host.kind == "ccl"
+        host.store.set("k", b"v")
+        with pytest.raises(AuthError):
+            connect_job_store(host.addr, "jobA", "wrong", timeout=5.0)
+        with pytest.raises(AuthError):
+            connect_job_store(host.addr, "jobB", "s3cret", timeout=5.0)
+        with pytest.raises(ConfigError, match="token"):
+            connect_job_store(host.addr, "jobA", None, timeout=5.0)
+        good = connect_job_store(host.addr, "jobA", "s3cret", timeout=5.0)
+        assert good.get("k", 5.0) == b"v"
+    finally:
+        host.stop()
+
+
+@pytest.mark.timeout(30)
+def test_backend_selection_env(monkeypatch):
+    from mnemosyne.jit._select import MNEMOSYNE_JIT_BACKEND, backend_label, use_ccl
+    from mnemosyne.jit._store import host_job_store
+
+    monkeypatch.setenv(MNEMOSYNE_JIT_BACKEND, "torch")
+    assert not use_ccl()
+    host = host_job_store("jobT", "tok")
+    assert host.kind == "torch"
+    host.store.set("k", b"v")
+    assert host.store.get("k", 5.0) == b"v"
+    monkeypatch.setenv(MNEMOSYNE_JIT_BACKEND, "ccl")
+    assert use_ccl()  # the test env installs mnemosyne-ccl
+    monkeypatch.setenv(MNEMOSYNE_JIT_BACKEND, "mpi")
+    with pytest.raises(ConfigError, match="expected"):
+        use_ccl()
+    assert backend_label(True, "cpu") == "ccl-gloo"
+    assert backend_label(False, "cuda") == "torch-nccl"

@@ -14,7 +14,7 @@ step time with Mnemosyne / with plain DDP, over the steps before the fault, meas
 this same invocation.
 
 Usage: python tools/bench/recovery.py [--nproc 4] [--steps 60] [--ckpt-every 20]
-       [--kill-step 30] [--kill-rank 2] [--json OUT]
+       [--kill-step 30] [--kill-rank 2] [--jit-backend auto|ccl|torch] [--json OUT]
 Last line: ``recovery_speedup: <baseline lost time / Mnemosyne's>``.
 """
 
@@ -46,8 +46,9 @@ def _free_port() -> int:
 def run_mnemosyne(work: Path, a: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     plan = f"rank={a.kill_rank},step={a.kill_step},kind=kill,phase=forward"
+    env = {"MNEMOSYNE_JIT_BACKEND": a.jit_backend} if a.jit_backend != "auto" else None
     run = launch(work / "mnemosyne", nproc=a.nproc, spares=1, steps=a.steps, inject=plan,
-                 train_args=DEMO_MODEL, timeout=a.timeout)
+                 train_args=DEMO_MODEL, timeout=a.timeout, env=env)
     wall = time.perf_counter() - t0
     if run.returncode != 0:
         sys.exit(f"mnemosyne run failed ({run.returncode}):\n{run.output[-3000:]}")
@@ -57,7 +58,8 @@ def run_mnemosyne(work: Path, a: argparse.Namespace) -> dict:
     steps = [e.duration_s for e in ev if e.kind == EventKind.STEP and e.ts < fault and e.fields["step"] >= 2]
     return {"lost_s": inc.total_s, "phases_s": inc.phases_s, "steps_redone": inc.steps_redone,
             "step_median_s": statistics.median(steps), "wall_s": wall,
-            "bytes_transferred": inc.bytes_transferred, "donors": inc.donors}
+            "bytes_transferred": inc.bytes_transferred, "donors": inc.donors,
+            "backend": ",".join(sorted({str(e.fields.get("backend")) for e in ev if e.name == "trainer_start"}))}
 
 
 def run_baseline(work: Path, a: argparse.Namespace) -> dict:
@@ -110,6 +112,8 @@ def main() -> None:
     p.add_argument("--kill-rank", type=int, default=2)
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--json", default=None)
+    p.add_argument("--jit-backend", choices=["auto", "ccl", "torch"], default="auto",
+                   help="mnemosyne's store/communicator: auto (mnemosyne-ccl when installed) or forced")
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="mnemo-bench-"))
     import torch
@@ -123,7 +127,7 @@ def main() -> None:
     for k, v in base["phases_s"].items():
         print(f"  {k:<42}{v:>10.3f}")
     print(f"  {'total lost time':<42}{base['lost_s']:>10.3f}   ({base['steps_redone']} steps redone)")
-    print(f"\n{'mnemosyne (in-place recovery, 1 warm spare)':<44}{'seconds':>10}")
+    print(f"\n{'mnemosyne (in-place recovery, 1 warm spare, ' + mnemo['backend'] + ')':<44}{'seconds':>10}")
     for k, v in mnemo["phases_s"].items():
         print(f"  {k:<42}{v:>10.3f}")
     print(f"  {'total lost time':<42}{mnemo['lost_s']:>10.3f}   ({mnemo['steps_redone']} step redone, "

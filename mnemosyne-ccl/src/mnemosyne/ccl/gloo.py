@@ -236,10 +236,15 @@ class GlooCommunicator(FlexCommunicator):
     def _retire(self) -> None:
         if self._helper_q is not None:
             self._helper_q.put(None)
-        pg, self._pg = self._pg, None
-        if pg is not None:
-            threading.Thread(target=_release, args=([pg],), name="mnemosyne-gloo-release", daemon=True).start()
-            del pg
+        # The list is the group's only reference: the caller must not keep one (a local
+        # variable would be the last one once the thread cleared the list, and the
+        # destructor, which waits for the group's pending work up to its timeout, would
+        # then run in the caller's thread). Not a daemon: an interpreter that exits while
+        # the destructor runs would kill it halfway (std::terminate, SIGABRT).
+        holder = [self._pg]
+        self._pg = None
+        if holder[0] is not None:
+            threading.Thread(target=_release, args=(holder,), name="mnemosyne-gloo-release", daemon=False).start()
 
     def close(self) -> None:
         """Abort and release the group."""

@@ -13,6 +13,7 @@ import faulthandler
 import json
 import os
 import runpy
+import signal
 import sys
 import time
 import traceback
@@ -61,12 +62,17 @@ def _wait_assignment(spare_id: int) -> None:
         MNEMOSYNE_RANK,
         MNEMOSYNE_SPARE,
         MNEMOSYNE_STORE_ADDR,
+        MNEMOSYNE_TOKEN,
         MNEMOSYNE_WORLD_SIZE,
     )
     from mnemosyne.jit import _keys, runtime  # noqa: F401  (warm the runtime's imports too)
-    from mnemosyne.jit._store import connect_store
+    from mnemosyne.jit._select import use_ccl
+    from mnemosyne.jit._store import connect_job_store
 
-    store = connect_store(os.environ[MNEMOSYNE_STORE_ADDR]).prefixed(os.environ[MNEMOSYNE_JOB_ID])
+    if use_ccl():  # warm ccl's backend too: the replacement repairs through it
+        import mnemosyne.ccl.gloo  # noqa: F401
+    store = connect_job_store(os.environ[MNEMOSYNE_STORE_ADDR], os.environ[MNEMOSYNE_JOB_ID],
+                              os.environ.get(MNEMOSYNE_TOKEN))
     store.set(_keys.spare_ready(spare_id), str(os.getpid()).encode())
     while True:
         if store.check([_keys.spare_assign(spare_id)]):
@@ -86,6 +92,9 @@ def main(argv: list[str] | None = None) -> None:
     """Run a trainer or a spare (see module doc)."""
     args = list(sys.argv[1:] if argv is None else argv)
     faulthandler.enable()
+    # `kill -USR1 <pid>` prints every thread's stack to stderr: how to see where a stuck
+    # rank waits without a debugger.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     spare_id = None
     if args[:1] == ["--spare-id"]:
         spare_id = int(args[1])

@@ -41,16 +41,18 @@ GRAVEYARD: list[Any] = []
 _OP_TIMEOUT = datetime.timedelta(minutes=30)
 
 
-def torch_store_of(store: Store) -> tuple[TorchStore, str]:
-    """Return the TorchStore under a chain of PrefixStores and the full prefix."""
+def torch_store_of(store: Store) -> tuple[TorchStore | None, str]:
+    """Return the TorchStore under a chain of PrefixStores and the full prefix.
+
+    None (and an empty prefix) when the store is not torch's (mnemosyne-ccl's store).
+    """
     parts: list[str] = []
     cur: Any = store
     while isinstance(cur, PrefixStore):
         parts.append(cur.prefix)
         cur = cur.inner
     if not isinstance(cur, TorchStore):
-        msg = f"the plain torch.distributed backend needs a TorchStore, got {type(cur).__name__}"
-        raise CommError(msg)
+        return None, ""
     return cur, "/".join(reversed(parts))
 
 
@@ -326,8 +328,16 @@ class TorchBackend(CommBackend):
                 msg = f"rendezvous of epoch {epoch}: only {store.add(key, 0)} of {size} members arrived in {timeout} s"
                 raise CommError(msg)
             time.sleep(0.002)
-        pg_prefix = f"{prefix}/{_keys.comm_prefix(epoch)}" if prefix else _keys.comm_prefix(epoch)
-        pg_store = dist.PrefixStore(pg_prefix, ts.clone().torch_store)  # type: ignore[attr-defined,arg-type]
+        pg_store: Any
+        if ts is None:
+            # A GPU job on mnemosyne-ccl's store without nccl4py: torch bootstraps from
+            # ccl's adapter of the core store.
+            from mnemosyne.ccl.torch_store import TorchStore as CclTorchStore
+
+            pg_store = CclTorchStore(store.prefixed(_keys.comm_prefix(epoch)), timeout)
+        else:
+            pg_prefix = f"{prefix}/{_keys.comm_prefix(epoch)}" if prefix else _keys.comm_prefix(epoch)
+            pg_store = dist.PrefixStore(pg_prefix, ts.clone().torch_store)  # type: ignore[attr-defined,arg-type]
         box: dict[str, Any] = {}
         built = threading.Event()
 

@@ -12,6 +12,7 @@ __all__ = [
     "INJECT_COUNT",
     "REBUILD_REQUEST",
     "arrive",
+    "comm_epoch",
     "comm_prefix",
     "committed",
     "done",
@@ -100,3 +101,8 @@ def spare_assign(spare_id: int) -> str:
 def spare_stop(spare_id: int) -> str:
     """Set by the agent to send a spare home."""
     return f"spare/{spare_id}/stop"
+
+
+def comm_epoch(epoch: int) -> str:
+    """Epoch of mnemosyne-ccl's communicator family that membership ``epoch`` builds."""
+    return f"membership/{epoch}/comm_epoch"

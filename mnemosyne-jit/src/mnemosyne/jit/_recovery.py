@@ -114,7 +114,11 @@ def transfer(comm: Any, store: Store, epoch: int, rank: int, plan: Agreement, de
         For a receiver, the received state object (apply it after this returns); for a
         donor, None. Second item: bytes this rank sent or received.
     """
-    comm_device = torch.device("cpu") if getattr(comm, "backend", "gloo") == "gloo" else device
+    transport = getattr(comm, "backend_name", None) or getattr(comm, "backend", "gloo")
+    comm_device = torch.device("cpu") if transport == "gloo" else device
+    # The fallback's torch groups take a message tag; ccl's send/recv have none and keep
+    # the order of messages between two members, which is all the stripes need.
+    tagged = not hasattr(comm, "backend_name")
     if not plan.receivers:
         return None, 0
     if rank in plan.donors:
@@ -129,7 +133,10 @@ def transfer(comm: Any, store: Store, epoch: int, rank: int, plan: Agreement, de
         for tag, idxs in enumerate(pack_plan(specs, owner, rank)):
             buf = pack([tensors[i] for i in idxs], comm_device)
             for dst in plan.receivers:
-                comm.send(buf, dst, tag=tag)
+                if tagged:
+                    comm.send(buf, dst, tag=tag)
+                else:
+                    comm.send(buf, dst)
                 sent += buf.numel()
         return None, sent
     meta = json.loads(wait_key(store, _keys.xfer_meta(epoch), interrupt, timeout))
@@ -141,7 +148,10 @@ def transfer(comm: Any, store: Store, epoch: int, rank: int, plan: Agreement, de
         for tag, idxs in enumerate(pack_plan(specs, owner, src)):
             n = sum(specs[i].nbytes for i in idxs)
             buf = torch.empty(n, dtype=torch.uint8, device=comm_device)
-            comm.recv(buf, src, tag=tag)
+            if tagged:
+                comm.recv(buf, src, tag=tag)
+            else:
+                comm.recv(buf, src)
             got += n
             for i, t in zip(idxs, unpack(buf, [specs[i] for i in idxs], device), strict=True):
                 staging[i] = t

@@ -1,10 +1,14 @@
-"""A :class:`mnemosyne.core.store.Store` over torch's TCPStore (the fallback store).
+"""The job's store: mnemosyne-ccl's authenticated server, or torch's TCPStore as fallback.
 
-The launcher hosts one TCPStore per job (:func:`host_store`); trainers, spares and tools
-connect as clients (:func:`connect_store`). mnemosyne-ccl's store server replaces this
-when it is installed; until then this adapter gives the core Store semantics on top of
-torch's store. torch's TCPStore has no authentication: keys are namespaced by job id,
-and the store listens on loopback unless told otherwise (a documented limit).
+The launcher hosts the store (:func:`host_job_store`); trainers, spares and ``mnemo
+inject`` connect with :func:`connect_job_store`. Both return a view scoped to the job.
+
+* mnemosyne-ccl installed (see :mod:`mnemosyne.jit._select`): ccl's ``StoreServer``
+  (loopback, this job only) and its ``StoreClient``; every connection presents the job id
+  and the per-job token, a wrong one is refused with ``AuthError``.
+* Fallback: torch's TCPStore through :class:`TorchStore`, which gives it the core Store
+  semantics. torch's TCPStore has no authentication: keys are namespaced by job id and
+  the store listens on loopback unless told otherwise (a documented limit).
 
 A torch store client serialises its requests: a thread blocked in ``wait`` holds the
 connection. Each thread therefore uses its own client (:meth:`TorchStore.clone`).
@@ -15,11 +19,13 @@ from __future__ import annotations
 import datetime
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from mnemosyne.core.errors import ConfigError, StoreError, StoreTimeout
 from mnemosyne.core.store import PrefixStore, Store
 
-__all__ = ["TorchStore", "connect_store", "host_store", "parse_addr"]
+__all__ = ["JobStoreHost", "TorchStore", "connect_job_store", "connect_store", "host_job_store", "host_store",
+           "parse_addr"]
 
 # Long default so that a slow but healthy operation never fails; every caller that may
 # block passes its own bounded timeout.
@@ -163,3 +169,60 @@ def connect_store(addr: str, timeout: float = 60.0) -> TorchStore:
         raise StoreError(msg) from exc
     ts.set_timeout(_DEFAULT_TIMEOUT)
     return TorchStore(ts)
+
+
+class JobStoreHost:
+    """The store server the agent hosts for one job, and the agent's own client of it.
+
+    Attributes:
+        addr: ``host:port`` clients connect to.
+        store: The agent's job-scoped client.
+        kind: ``"ccl"`` or ``"torch"``.
+    """
+
+    def __init__(self, addr: str, store: Store, kind: str, server: Any = None) -> None:
+        self.addr = addr
+        self.store = store
+        self.kind = kind
+        self._server = server
+
+    def stop(self) -> None:
+        """Stop the server (ccl); torch's TCPStore server ends with the process."""
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+
+def host_job_store(job: str, token: str, host: str = "127.0.0.1") -> JobStoreHost:
+    """Start the job's store server in this process (the launcher)."""
+    from mnemosyne.jit._select import use_ccl
+
+    if use_ccl():
+        from mnemosyne.ccl import StoreClient, StoreServer
+
+        server = StoreServer(host=host, port=0, jobs={job: token}).start()
+        return JobStoreHost(server.address, StoreClient(server.address, job, token), "ccl", server)
+    ts = host_store(host)
+    return JobStoreHost(ts.addr, ts.prefixed(job), "torch")
+
+
+def connect_job_store(addr: str, job: str, token: str | None, timeout: float = 60.0, kind: str | None = None) -> Store:
+    """Connect to the job's store and return a view scoped to the job.
+
+    Each call opens a new client (one per thread that may block in the store). ``kind``
+    (``"ccl"`` or ``"torch"``, from the job's info file) overrides this process's choice.
+
+    Raises:
+        StoreError: The server could not be reached.
+        AuthError: (ccl store) wrong job id or token.
+    """
+    from mnemosyne.jit._select import use_ccl
+
+    if (kind == "ccl") if kind else use_ccl():
+        from mnemosyne.ccl import StoreClient
+
+        if not token:
+            msg = "the job's store needs the job token (MNEMOSYNE_TOKEN is not set)"
+            raise ConfigError(msg)
+        return StoreClient(addr, job, token, timeout=timeout)
+    return connect_store(addr, timeout).prefixed(job)

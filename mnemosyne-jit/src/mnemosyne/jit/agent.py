@@ -56,7 +56,8 @@ from mnemosyne.core.events import EventKind, EventLog
 from mnemosyne.core.membership import Membership
 from mnemosyne.core.store import Store
 from mnemosyne.jit import _keys
-from mnemosyne.jit._store import TorchStore, host_store
+from mnemosyne.jit._select import MNEMOSYNE_JIT_BACKEND
+from mnemosyne.jit._store import JobStoreHost, host_job_store
 
 __all__ = ["Agent", "AgentConfig", "RankStatus", "job_info_dir"]
 
@@ -184,7 +185,10 @@ class Agent:
         self._stop_signal: int | None = None
         self._rebuilds_seen = 0
         self._info_file: Path | None = None
-        self.server: TorchStore | None = None
+        self.server: JobStoreHost | None = None
+        # Epoch of mnemosyne-ccl's "world" communicator family that the members build for
+        # the current membership epoch (ccl numbers its own epochs; see _publish).
+        self.comm_epoch = 0
         self.store: Store | None = None
         self.failed_reason = ""
 
@@ -203,6 +207,8 @@ class Agent:
             MNEMOSYNE_STORE_ADDR: self.server.addr,
             MNEMOSYNE_WORLD_SIZE: str(self.config.nproc),
             MNEMOSYNE_EVENT_LOG: self.event_log_path,
+            # Children make the agent's store/communicator choice, whatever they can import.
+            MNEMOSYNE_JIT_BACKEND: self.server.kind,
         })
         env.update(extra)
         return env
@@ -247,12 +253,36 @@ class Agent:
 
     # ---------------------------------------------------------------- failures
     def _publish(self, nxt: Membership, replaced: Sequence[int], reason: str) -> None:
-        assert self.store is not None
+        assert self.store is not None and self.server is not None
+        if self.server.kind == "ccl":
+            self._next_comm_epoch(nxt.epoch, reason)
         self.store.set(_keys.membership(nxt.epoch), nxt.to_json())
         self.store.set(_keys.EPOCH, str(nxt.epoch).encode())
         self.membership = nxt
         self.log.epoch = nxt.epoch
         self.log.emit(EventKind.EPOCH, "epoch", epoch_number=nxt.epoch, replaced=list(replaced), reason=reason)
+
+    def _next_comm_epoch(self, epoch: int, reason: str) -> None:
+        """Pick the ccl epoch the members build for membership ``epoch``, abort the current one.
+
+        Members learn it from the store before the membership itself appears. Survivors
+        holding the previous one rebuild from it, the others create it, a replacement
+        joins it. Aborting the previous one through its store key (ccl's
+        ``signal_abort``) wakes every member blocked in it, or still building it, within
+        one poll, in addition to the watchdogs' local aborts.
+        """
+        from mnemosyne.ccl import signal_abort
+
+        assert self.store is not None
+        if epoch > 0:
+            newest = self.comm_epoch
+            key = "ccl/world/epoch"  # newest epoch any member started (ccl's store layout)
+            if self.store.check([key]):
+                newest = max(newest, int(self.store.get(key, 5.0)))
+            for e in sorted({self.comm_epoch, newest}):
+                signal_abort(self.store, e, f"membership epoch {epoch}: {reason}")
+            self.comm_epoch = newest + 1
+        self.store.set(_keys.comm_epoch(epoch), str(self.comm_epoch).encode())
 
     def _fail(self, rank: int, cause: str, detail: dict[str, Any]) -> None:
         st = self.ranks[rank]
@@ -349,7 +379,10 @@ class Agent:
     def _write_info(self) -> None:
         assert self.server is not None
         path = job_info_dir() / f"{self.job_id}.json"
-        body = {"job": self.job_id, "store": self.server.addr, "pid": os.getpid(), "nproc": self.config.nproc,
+        # The token travels in this file (mode 0600, in a 0700 folder of this user) so that
+        # `mnemo inject` run by the same user can authenticate to the store.
+        body = {"job": self.job_id, "store": self.server.addr, "store_kind": self.server.kind,
+                "token": self.token, "pid": os.getpid(), "nproc": self.config.nproc,
                 "event_log": self.event_log_path, "started": time.time()}
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
@@ -367,12 +400,15 @@ class Agent:
                 signal.signal(s, h)
 
     def _run(self) -> int:
-        self.server = host_store(self.config.host)
-        self.store = self.server.prefixed(self.job_id)
+        self.server = host_job_store(self.job_id, self.token, self.config.host)
+        self.store = self.server.store
+        logger.info("job %s: store %s at %s", self.job_id,
+                    "mnemosyne-ccl (authenticated)" if self.server.kind == "ccl" else "torch TCPStore (fallback)",
+                    self.server.addr)
         self._write_info()
         self._publish(self.membership, [], "start")
         self.log.emit(EventKind.INFO, "launch", nproc=self.config.nproc, spares=self.config.spares,
-                      command=self.config.command, store=self.server.addr)
+                      command=self.config.command, store=self.server.addr, store_kind=self.server.kind)
         now = time.monotonic()
         for st in self.ranks:
             st.proc = self._start_trainer(st.rank, 0)
@@ -448,4 +484,6 @@ class Agent:
                 p.wait()
         if self._info_file is not None:
             self._info_file.unlink(missing_ok=True)
+        if self.server is not None:
+            self.server.stop()
         self.log.close()

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from mnemosyne.core.env import MNEMOSYNE_INJECT
-from mnemosyne.core.errors import ConfigError
+from mnemosyne.core.errors import AuthError, ConfigError
 
 __all__ = ["register_demo", "register_inject", "register_launch"]
 
@@ -91,12 +91,18 @@ def _find_job(job: str | None) -> dict[str, Any]:
 
 def _inject(args: argparse.Namespace) -> int:
     from mnemosyne.jit import _keys
-    from mnemosyne.jit._store import connect_store
+    from mnemosyne.jit._store import connect_job_store
     from mnemosyne.jit.inject import FaultPlan
 
     plan = FaultPlan(args.rank, args.at_step, args.kind, args.phase)
     info = _find_job(args.job)
-    store = connect_store(info["store"], timeout=10.0).prefixed(info["job"])
+    # The token comes from the job's info file (readable by its user only) unless given.
+    token = args.token if args.token is not None else info.get("token")
+    try:
+        store = connect_job_store(info["store"], info["job"], token, timeout=10.0, kind=info.get("store_kind"))
+    except AuthError as exc:
+        msg = f"AuthError: the store of job {info['job']!r} refused this client's token ({exc})"
+        raise AuthError(msg) from None
     # Reserve an index first, then publish: trainers read plans 0..n-1 only after n moved.
     index = store.add(f"{_keys.INJECT_COUNT}/reserve", 1) - 1
     store.set(_keys.inject_plan(index), plan.to_text().encode())
@@ -115,6 +121,8 @@ def register_inject(sub: Any) -> None:
     p.add_argument("--at-step", type=int, required=True, help="step index (0-based) at which the fault fires")
     p.add_argument("--kind", choices=["kill", "hang", "exception", "segfault"], required=True)
     p.add_argument("--phase", choices=["forward", "allreduce", "optimizer", "recovery"], default="forward")
+    p.add_argument("--token", default=None,
+                   help="the job's store token (default: read from the job's info file, owner-only)")
     p.set_defaults(func=_inject)
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -52,6 +53,7 @@ from mnemosyne.core.env import (
     MNEMOSYNE_JOB_ID,
     MNEMOSYNE_RANK,
     MNEMOSYNE_STORE_ADDR,
+    MNEMOSYNE_TOKEN,
     MNEMOSYNE_WORLD_SIZE,
     env_int,
     env_str,
@@ -65,7 +67,8 @@ from mnemosyne.jit import _keys
 from mnemosyne.jit._comm import TorchBackend
 from mnemosyne.jit._gradsync import DEFAULT_BUCKET_BYTES, GradSync
 from mnemosyne.jit._recovery import NO_STATE, agree, transfer, wait_key
-from mnemosyne.jit._store import connect_store
+from mnemosyne.jit._select import backend_label, use_ccl
+from mnemosyne.jit._store import connect_job_store
 from mnemosyne.jit._watchdog import Watchdog
 from mnemosyne.jit.data import DataCursor
 from mnemosyne.jit.inject import InjectedFault, Injector, parse_plans
@@ -162,19 +165,36 @@ class Job:
         self.log_steps = log_steps
         self.timeout = timeout
         start_epoch = env_int(MNEMOSYNE_EPOCH, 0) or 0
-        self._root = connect_store(addr)
-        self.store = self._root.prefixed(job_id)
+        token = env_str(MNEMOSYNE_TOKEN)
+        self.store = connect_job_store(addr, job_id, token)
         self.log = EventLog(env_str(MNEMOSYNE_EVENT_LOG), job_id, rank, start_epoch)
         self.logger = ContextAdapter(logger, job_id, rank, start_epoch)
         first = next(iter(model.parameters()), None)
         self.device = first.device if first is not None else torch.device("cpu")
-        self._backend = TorchBackend("nccl" if self.device.type == "cuda" else "gloo")
+        transport = "nccl" if self.device.type == "cuda" else "gloo"
+        self._ccl = use_ccl()
+        if self._ccl and transport == "nccl" and importlib.util.find_spec("nccl") is None:
+            # ccl's NCCL backend needs nccl4py; torch's own NCCL group still works (on
+            # ccl's authenticated store), rebuilt by every member per epoch.
+            self.logger.warning("mnemosyne-ccl's NCCL backend needs nccl4py (pip install "
+                                "'mnemosyne-ccl[nccl]'); using torch's ProcessGroupNCCL instead")
+            self._ccl = False
+        if self._ccl:
+            from mnemosyne.ccl import backend
+
+            self._backend: Any = backend(transport)
+        else:
+            self._backend = TorchBackend(transport)
+        #: ``ccl-gloo``, ``torch-gloo``, ... (recorded in the events).
+        self.backend_name = backend_label(self._ccl, self.device.type)
+        self.logger.info("communicator: %s", self.backend_name)
         self._member = Membership.from_json(self.store.get(_keys.membership(start_epoch), timeout)).members.get(rank)
         self.epoch = start_epoch
         self.committed = NO_STATE
         self.next_step = 0
         self.recoveries = 0
         self._comm: Any = None
+        self._comm_for = -1  # membership epoch the current communicator was built for
         self._gradsync: GradSync | None = None
         self._elock = threading.Lock()
         self._known_epoch = start_epoch
@@ -194,10 +214,11 @@ class Job:
         self.injector.add(parse_plans(env_str(MNEMOSYNE_INJECT, "") or ""))
         self._hooks = [optimizer.register_step_pre_hook(self._pre_step),
                        optimizer.register_step_post_hook(self._post_step)]
-        self.watchdog = Watchdog(self._root.clone().prefixed(job_id), rank, start_epoch, self._on_epoch,
+        self.watchdog = Watchdog(connect_job_store(addr, job_id, token), rank, start_epoch, self._on_epoch,
                                  self._position, self.injector)
         self.watchdog.start()
-        self.log.emit(EventKind.INFO, "trainer_start", member=self._member, start_epoch=start_epoch)
+        self.log.emit(EventKind.INFO, "trainer_start", member=self._member, start_epoch=start_epoch,
+                      backend=self.backend_name)
         self._recover(first=True)
 
     # ----------------------------------------------------------------- steady state
@@ -304,9 +325,10 @@ class Job:
             self._known_epoch = epoch
             self._notice = time.perf_counter()
             comm = self._comm
-            if comm is None or comm.epoch < epoch:
+            stale = comm is None or self._comm_for < epoch
+            if stale:
                 self._interrupt.set()
-        if comm is not None and comm.epoch < epoch:
+        if comm is not None and stale:
             comm.abort(f"membership epoch {epoch} published")
         self.logger.info("membership epoch %d seen; communicator aborted", epoch)
 
@@ -386,6 +408,38 @@ class Job:
         for name, obj in self.extra.items():
             obj.load_state_dict(state["extra"][name])
 
+    def _connect(self, epoch: int, size: int, first: bool) -> tuple[Any, str]:
+        """Build the communicator of membership ``epoch``; return it and how it was built.
+
+        Fallback (plain torch.distributed): every member builds a fresh group.
+
+        mnemosyne-ccl: the agent names the ccl epoch ``target`` for this membership epoch.
+        A survivor whose communicator is at ``target - 1`` repairs it with ``rebuild()``
+        (one step: same logical ranks, Gloo's physical order stays sorted, so reductions
+        sum in the same order as before); a replacement process joins ``target`` with
+        ``backend.join`` once a survivor published the member list; a member whose
+        communicator is older (it missed an epoch while recovering) creates ``target``,
+        which agrees on the same member list. A newer membership epoch aborts the build
+        through the target's abort key (the agent's ``signal_abort``).
+        """
+        old, self._comm = self._comm, None
+        if not self._ccl:
+            if old is not None:
+                old.close()
+            comm = self._backend.create(self.store, self.rank, size, epoch=epoch, timeout=self.timeout,
+                                        interrupt=self._interrupt)
+            return comm, "create"
+        target = int(wait_key(self.store, _keys.comm_epoch(epoch), self._interrupt, self.timeout))
+        if old is not None and old.epoch == target - 1:
+            return old.rebuild(), "rebuild"
+        if old is not None:
+            old.close()
+        if old is None and first and epoch > 0 and size > 1:
+            # A replacement: wait (interruptibly) until survivors published the members.
+            wait_key(self.store, f"ccl/world/e{target}/members", self._interrupt, self.timeout)
+            return self._backend.join(self.store, self.rank, epoch=target, timeout=self.timeout), "join"
+        return self._backend.create(self.store, self.rank, size, epoch=target, timeout=self.timeout), "create"
+
     def _recover(self, first: bool = False) -> None:
         t0 = time.perf_counter()
         notice = self._notice
@@ -405,14 +459,12 @@ class Job:
             ranks = list(members.ranks)
             self._set_pos(self.next_step, "recovery", coll=True)
             try:
-                with phase(self.log, "repair", first=first, backend=self._backend.backend):
-                    old, self._comm = self._comm, None
-                    if old is not None:
-                        old.close()
-                    comm = self._backend.create(self.store, self.rank, len(ranks), epoch=epoch,
-                                                timeout=self.timeout, interrupt=self._interrupt)
+                with phase(self.log, "repair", first=first, backend=self.backend_name) as t:
+                    comm, how = self._connect(epoch, len(ranks), first)
+                    t.fields.update(how=how, comm_epoch=comm.epoch)
                     with self._elock:
                         self._comm = comm
+                        self._comm_for = epoch
                         stale = self._known_epoch > epoch
                     if stale:
                         comm.abort("a newer epoch appeared while building")

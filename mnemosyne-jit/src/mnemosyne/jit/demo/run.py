@@ -141,6 +141,10 @@ def run_demo(args: argparse.Namespace) -> int:
                               "healthy_pids_unchanged": healthy_same, **summary}
     fired = [e for e in events if e.kind == EventKind.FAULT]
     result["faults_fired"] = len(fired)
+    # Which store/communicator the job used (mnemosyne-ccl or the plain torch fallback).
+    result["comm_backend"] = ",".join(sorted({str(e.fields.get("backend")) for e in events
+                                              if e.name == "trainer_start"}))
+    result["store_kind"] = ",".join(sorted({str(e.fields.get("store_kind")) for e in events if e.name == "launch"}))
     bitwise = None
     if not args.no_verify:
         console.print("[bold]reference run[/bold]: the same training without a fault")
@@ -165,6 +169,7 @@ def run_demo(args: argparse.Namespace) -> int:
         table.add_row("state transferred", f"{inc['bytes_transferred'] / 1e6:.2f} MB from {inc['donors']} donors")
         table.add_row("resumed at step", str(inc["resume_step"]))
     table.add_row("steps redone", str(summary["steps_redone"]))
+    table.add_row("communicator / store", f"{result['comm_backend']} / {result['store_kind']}")
     if summary["median_step_s"]:
         table.add_row("median step time", f"{summary['median_step_s'] * 1000:.1f} ms")
     table.add_row("healthy ranks kept their processes", str(healthy_same))

@@ -14,7 +14,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,8 +58,11 @@ def started_pids(out: Path) -> dict[int, list[int]]:
 
 
 def launch(out: Path, *, nproc: int = 4, spares: int = 1, steps: int = 8, inject: str = "",
-           train_args: Sequence[str] = TINY, launch_args: Sequence[str] = (), timeout: float = 100.0) -> JobRun:
+           train_args: Sequence[str] = TINY, launch_args: Sequence[str] = (), timeout: float = 100.0,
+           env: Mapping[str, str] | None = None) -> JobRun:
     """Run ``mnemo launch -m mnemosyne.jit.demo.train`` and wait for it (killed at ``timeout``).
+
+    ``env`` adds to this process's environment for the launcher (and so its children).
 
     The launcher runs in its own session; on timeout the whole session is killed, and the
     trainers die with their parent (PR_SET_PDEATHSIG), so nothing is left running.
@@ -70,7 +73,9 @@ def launch(out: Path, *, nproc: int = 4, spares: int = 1, steps: int = 8, inject
     if inject:
         cmd += ["--inject", inject]
     cmd += ["-m", "mnemosyne.jit.demo.train", "--steps", str(steps), "--out", str(out), *train_args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    full_env = {**os.environ, **env} if env else None
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                            env=full_env)
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
