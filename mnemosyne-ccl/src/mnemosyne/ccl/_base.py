@@ -265,11 +265,15 @@ class FlexCommunicator(ABC):
         return PeerFailureError(f"{self!r}: peer failure: {reason}")
 
     def wait_until(self, done: threading.Event, is_complete: Callable[[], bool], what: str,
-                   timeout: float | None = None) -> None:
+                   timeout: float | None = None, *, signalled: bool = False) -> None:
         """Block until ``done`` is set and ``is_complete()``; raise on abort, peer failure or timeout.
 
         ``done`` is set by the transport's completion callback; :meth:`abort` sets it too
-        so that a blocked caller wakes up at once.
+        so that a blocked caller wakes up at once. ``signalled=True`` promises that
+        completion always sets ``done`` (Gloo's callbacks and helper thread): then the
+        caller sleeps on ``done`` in POLL_S slices instead of short busy slices, whose GIL
+        wake-ups cost ~25% of a 15 ms CPU step (tools/bench/recovery.py, 16-core host).
+        Without it (NCCL: completion is an event query) short slices keep latency low.
         """
         self._raise_if_aborted()
         limit = self.timeout if timeout is None else timeout
@@ -278,7 +282,7 @@ class FlexCommunicator(ABC):
             self._wakeups.add(done)
         # Short slices first (an op that completes without a callback, e.g. Gloo send,
         # is seen quickly), then POLL_S slices; the store is read at most every POLL_S.
-        slice_s = 1e-4
+        slice_s = POLL_S if signalled else 1e-4
         next_poll = time.monotonic() + POLL_S
         try:
             while True:

@@ -141,7 +141,7 @@ class GlooCommunicator(FlexCommunicator):
             future = None
         if future is not None:
             future.add_done_callback(lambda _f: done.set())
-            self.wait_until(done, work.is_completed, what)
+            self.wait_until(done, work.is_completed, what, signalled=True)
             try:
                 work.wait()
             except RuntimeError as exc:
@@ -152,7 +152,7 @@ class GlooCommunicator(FlexCommunicator):
         # is_completed(): one helper thread per communicator waits for them in order.
         box: dict[str, Any] = {}
         self._helper().put((work, done, box))
-        self.wait_until(done, lambda: bool(box), what)
+        self.wait_until(done, lambda: bool(box), what, signalled=True)
         if "err" in box:
             err = self.fail(f"{what} failed: {box['err']}")
             raise err from None
