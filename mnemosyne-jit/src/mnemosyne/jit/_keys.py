@@ -12,6 +12,7 @@ __all__ = [
     "INJECT_COUNT",
     "REBUILD_REQUEST",
     "arrive",
+    "ckpt_order",
     "comm_epoch",
     "comm_prefix",
     "committed",
@@ -106,3 +107,8 @@ def spare_stop(spare_id: int) -> str:
 def comm_epoch(epoch: int) -> str:
     """Epoch of mnemosyne-ccl's communicator family that membership ``epoch`` builds."""
     return f"membership/{epoch}/comm_epoch"
+
+
+def ckpt_order(epoch: int) -> str:
+    """The agent's "checkpoint and exit" decision for membership ``epoch`` (JSON), set before the epoch."""
+    return f"membership/{epoch}/ckpt"

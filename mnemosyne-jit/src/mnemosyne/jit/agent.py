@@ -16,6 +16,10 @@ supervises:
 On a failure it publishes the next membership epoch (the failed rank held by a new
 member), then hands the rank to a spare (or starts a new process) and refills the pool.
 Every detection, epoch and replacement is an event in the job's JSON-lines log.
+When no replacement is allowed (``no_replace``, or ``max_restarts`` used up with a
+``ckpt_dir``), it instead publishes the next epoch with a "checkpoint and exit" order:
+the survivors write a just-in-time checkpoint (:mod:`mnemosyne.jit.ckpt`) and exit,
+and the agent returns :data:`EXIT_JOB_CKPT`.
 SIGINT/SIGTERM stop the whole job: children get SIGTERM, then SIGKILL after a grace
 period; children also die with the agent (PR_SET_PDEATHSIG), so nothing is orphaned.
 """
@@ -59,9 +63,14 @@ from mnemosyne.jit import _keys
 from mnemosyne.jit._select import MNEMOSYNE_JIT_BACKEND
 from mnemosyne.jit._store import JobStoreHost, host_job_store
 
-__all__ = ["Agent", "AgentConfig", "RankStatus", "job_info_dir"]
+__all__ = ["DEFAULT_CKPT_DIR", "EXIT_JOB_CKPT", "Agent", "AgentConfig", "RankStatus", "job_info_dir"]
 
 logger = logging.getLogger(__name__)
+
+#: Exit code of ``mnemo launch`` when the job stopped after a just-in-time checkpoint.
+EXIT_JOB_CKPT = 3
+#: Checkpoint root when ``--no-replace`` is given without ``--ckpt-dir``.
+DEFAULT_CKPT_DIR = "mnemo-ckpts"
 
 # Settings every spawned process gets unless the user set them: one intra-op thread per
 # rank (as torchrun does), and NCCL kept in a mode where in-process recovery is possible.
@@ -105,6 +114,11 @@ class AgentConfig:
         host: Interface the store listens on.
         env: Extra environment for every child.
         poll: Supervision period, seconds.
+        no_replace: Never replace a failed rank: the healthy ranks write a just-in-time
+            checkpoint into ``ckpt_dir`` and the job exits with :data:`EXIT_JOB_CKPT`.
+        ckpt_dir: Root of just-in-time checkpoints; when set, running out of
+            ``max_restarts`` also checkpoints instead of giving up.
+        resume: A verified checkpoint directory every rank loads before its first step.
     """
 
     command: list[str]
@@ -120,6 +134,9 @@ class AgentConfig:
     host: str = "127.0.0.1"
     env: dict[str, str] = field(default_factory=dict)
     poll: float = 0.01
+    no_replace: bool = False
+    ckpt_dir: str | None = None
+    resume: str | None = None
 
 
 @dataclass
@@ -191,6 +208,8 @@ class Agent:
         self.comm_epoch = 0
         self.store: Store | None = None
         self.failed_reason = ""
+        #: Set once the agent ordered a just-in-time checkpoint: (epoch, root, survivors, t0).
+        self.ckpt_order: tuple[int, Path, list[int], float] | None = None
 
     # ---------------------------------------------------------------- processes
     def _child_env(self, extra: dict[str, str]) -> dict[str, str]:
@@ -210,6 +229,10 @@ class Agent:
             # Children make the agent's store/communicator choice, whatever they can import.
             MNEMOSYNE_JIT_BACKEND: self.server.kind,
         })
+        if self.config.resume:
+            from mnemosyne.jit.runtime import MNEMOSYNE_RESUME
+
+            env[MNEMOSYNE_RESUME] = self.config.resume
         env.update(extra)
         return env
 
@@ -288,8 +311,17 @@ class Agent:
         st = self.ranks[rank]
         self.log.emit(EventKind.DETECT, cause, target_rank=rank, **detail)
         logger.warning("rank %d failed (%s): %s", rank, cause, detail)
+        if self.ckpt_order is not None:
+            # Already checkpointing: a second failure (rank gone before or while writing).
+            st.finished = True
+            st.phase = "failed"
+            return
         self.restarts += 1
-        if self.restarts > self.config.max_restarts:
+        exhausted = self.restarts > self.config.max_restarts
+        if self.config.no_replace or (exhausted and self.config.ckpt_dir):
+            self._order_checkpoint(rank, cause)
+            return
+        if exhausted:
             self.failed_reason = f"rank {rank} failed ({cause}) after {self.config.max_restarts} replacements"
             return
         nxt, _change = self.membership.replace([rank], f"rank {rank} {cause}")
@@ -302,6 +334,57 @@ class Agent:
         st.position = ()
         st.phase = "replacing"
         st.replacements += 1
+
+    def _order_checkpoint(self, rank: int, cause: str) -> None:
+        """Publish the "checkpoint and exit" decision: a new epoch whose order key lists the survivors."""
+        assert self.store is not None
+        self.ranks[rank].finished = True
+        self.ranks[rank].phase = "failed"
+        root = Path(self.config.ckpt_dir or DEFAULT_CKPT_DIR).resolve()
+        survivors = [st.rank for st in self.ranks if st.rank != rank and not st.finished]
+        nxt, _ = self.membership.replace([], f"rank {rank} {cause}: checkpoint and exit")
+        order = {"dir": str(root), "ranks": survivors, "failed": rank}
+        # Set before the epoch: a survivor that adopts the epoch finds the order with it.
+        self.store.set(_keys.ckpt_order(nxt.epoch), json.dumps(order).encode())
+        self._publish(nxt, [], f"rank {rank} {cause}: no replacement allowed, checkpoint and exit")
+        self.ckpt_order = (nxt.epoch, root, survivors, time.monotonic())
+        self.log.emit(EventKind.INFO, "ckpt_ordered", target_rank=rank, dir=str(root), ranks=survivors)
+        logger.warning("rank %d failed (%s), no replacement allowed: healthy ranks %s checkpoint into %s",
+                       rank, cause, survivors, root)
+
+    def _finish_checkpoint(self) -> int:
+        """Every survivor exited after an ordered checkpoint: report it and return the job's exit code."""
+        from mnemosyne.jit import ckpt
+        from mnemosyne.jit.runtime import EXIT_CKPT
+
+        assert self.ckpt_order is not None
+        _epoch, root, survivors, t0 = self.ckpt_order
+        codes = {r: p.returncode for r in survivors if (p := self.ranks[r].proc) is not None}
+        # This job's checkpoint (the root may hold others' from earlier jobs).
+        ours = [e.path for e in (ckpt.list_checkpoints(root) if root.is_dir() else [])
+                if e.complete and ckpt.read_manifest(e.path).get("meta", {}).get("job") == self.job_id]
+        path = ours[-1] if ours else None
+        ok = path is not None and all(c == EXIT_CKPT for c in codes.values())
+        if ok:
+            assert path is not None
+            try:
+                report = ckpt.verify(path)
+            except MnemosyneError as exc:
+                ok = False
+                logger.error("%s", exc)
+            else:
+                self.log.emit(EventKind.PHASE, "ckpt", time.monotonic() - t0, ok=True, path=str(path),
+                              step=report.step, bytes=report.bytes)
+                logger.error("job stopped: a rank failed and no replacement was allowed; checkpoint of step %d "
+                             "written to %s; continue with: mnemo launch --resume %s ...",
+                             report.step, path, path)
+                return EXIT_JOB_CKPT
+        self.log.emit(EventKind.PHASE, "ckpt", time.monotonic() - t0, ok=False, codes=codes)
+        self.failed_reason = (f"a rank failed and no replacement was allowed, and the just-in-time checkpoint into "
+                              f"{root} failed (trainer exit codes {codes})")
+        self.log.emit(EventKind.INFO, "gave_up", why=self.failed_reason)
+        logger.error("giving up: %s", self.failed_reason)
+        return 1
 
     def _classify_exit(self, st: RankStatus, rc: int) -> tuple[str, dict[str, Any]]:
         assert self.store is not None and st.proc is not None
@@ -434,6 +517,10 @@ class Agent:
                 rc = st.proc.poll()
                 if rc is None:
                     continue
+                if self.ckpt_order is not None and st.rank in self.ckpt_order[2]:
+                    st.finished = True  # a survivor done with the ordered checkpoint (or failed at it)
+                    st.phase = "ckpt"
+                    continue
                 if rc == 0 or self._all_done():
                     # A rank that dies after every rank reported done is not replaced:
                     # nobody needs its state any more.
@@ -446,6 +533,8 @@ class Agent:
                 if sp.proc.poll() is not None:
                     self.spares.remove(sp)
                     self.log.emit(EventKind.INFO, "spare_exit", spare=sp.spare_id, returncode=sp.proc.returncode)
+            if all(st.finished for st in self.ranks) and self.ckpt_order is not None:
+                return self._finish_checkpoint()
             if all(st.finished for st in self.ranks):
                 self.log.emit(EventKind.INFO, "job_done", restarts=self.restarts)
                 return 0

@@ -33,13 +33,43 @@ def _launch(args: argparse.Namespace) -> int:
     if args.inject:
         parse_plans(args.inject)  # fail now, not in every rank
         env[MNEMOSYNE_INJECT] = args.inject
+    resume = _resolve_resume(args.resume, args.nproc_per_node) if args.resume else None
     cfg = AgentConfig(command=command, nproc=args.nproc_per_node, spares=args.spares, hang_timeout=args.hang_timeout,
                       max_restarts=args.max_restarts, event_log=args.event_log, job_id=args.job_id, host=args.host,
-                      env=env)
+                      env=env, no_replace=args.no_replace, ckpt_dir=args.ckpt_dir, resume=resume)
     agent = Agent(cfg)
     print(f"mnemo launch: job {agent.job_id}, {cfg.nproc} ranks, {cfg.spares} spares, events: "
           f"{agent.event_log_path}", flush=True)
     return agent.run()
+
+
+def _resolve_resume(given: str, nproc: int) -> str:
+    """The checkpoint ``--resume`` names (itself or the newest in a folder), verified, as an absolute path.
+
+    Raises:
+        ConfigError: No checkpoint there, or it was taken by a job of another size.
+        CorruptStateError: The checkpoint is truncated or corrupted (names the file).
+    """
+    from pathlib import Path
+
+    from mnemosyne.jit import ckpt
+
+    path = Path(given)
+    if not (path / ckpt.MANIFEST).exists():
+        found = ckpt.latest(path) if path.is_dir() else None
+        if found is None:
+            msg = (f"mnemo launch --resume {given}: no complete checkpoint there (expected a directory holding "
+                   f"{ckpt.MANIFEST}, or a folder of step-* checkpoints)")
+            raise ConfigError(msg)
+        path = found
+    report = ckpt.verify(path)  # before any process starts: a bad checkpoint fails the launch now
+    if report.world_size != nproc:
+        msg = (f"mnemo launch --resume {path}: the checkpoint was taken by {report.world_size} ranks, "
+               f"but --nproc-per-node is {nproc}; resume with --nproc-per-node {report.world_size}")
+        raise ConfigError(msg)
+    print(f"mnemo launch: resuming from {path} (step {report.step}; training continues at step {report.step + 1})",
+          flush=True)
+    return str(path.resolve())
 
 
 def register_launch(sub: Any) -> None:
@@ -52,6 +82,14 @@ def register_launch(sub: Any) -> None:
     p.add_argument("--hang-timeout", type=float, default=None,
                    help="seconds without progress before a rank counts as hung (default: learned from step times)")
     p.add_argument("--max-restarts", type=int, default=10, help="replacements before the job is given up")
+    p.add_argument("--no-replace", action="store_true",
+                   help="never replace a failed rank: the healthy ranks write a just-in-time checkpoint and the "
+                        "job exits with code 3")
+    p.add_argument("--ckpt-dir", default=None,
+                   help="root of just-in-time checkpoints (default ./mnemo-ckpts); when given, running out of "
+                        "--max-restarts also checkpoints instead of giving up")
+    p.add_argument("--resume", default=None, metavar="DIR",
+                   help="start from a checkpoint (DIR itself or the newest complete one under DIR)")
     p.add_argument("--event-log", default=None, help="JSON-lines event log (default ./mnemo-events/<job>.jsonl)")
     p.add_argument("--job-id", default=None, help="job id (default: generated)")
     p.add_argument("--host", default="127.0.0.1", help="interface the job's store listens on")

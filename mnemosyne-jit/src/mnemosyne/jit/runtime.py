@@ -41,6 +41,7 @@ import threading
 import time
 import traceback
 from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -73,7 +74,7 @@ from mnemosyne.jit._watchdog import Watchdog
 from mnemosyne.jit.data import DataCursor
 from mnemosyne.jit.inject import InjectedFault, Injector, parse_plans
 
-__all__ = ["EXIT_EXCEPTION", "Job", "Step", "init"]
+__all__ = ["EXIT_CKPT", "EXIT_EXCEPTION", "MNEMOSYNE_RESUME", "Job", "Step", "init"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,13 @@ logger = logging.getLogger(__name__)
 EXIT_EXCEPTION = 17
 #: Exit code of a trainer that found itself replaced (no longer a member).
 EXIT_REPLACED = 18
+#: Exit code of a healthy trainer that took part in a just-in-time checkpoint on the
+#: agent's order (whether or not it wrote a part of it).
+EXIT_CKPT = 19
+#: Exit code of a trainer whose part of an ordered checkpoint failed.
+EXIT_CKPT_FAILED = 20
+#: Checkpoint every rank loads before its first step (set by ``mnemo launch --resume``).
+MNEMOSYNE_RESUME = "MNEMOSYNE_RESUME"
 
 # How long a rank that saw a communicator error waits for the agent's new epoch before
 # asking for a rebuild of the same members (an error no process death explains).
@@ -219,6 +227,9 @@ class Job:
         self.watchdog.start()
         self.log.emit(EventKind.INFO, "trainer_start", member=self._member, start_epoch=start_epoch,
                       backend=self.backend_name)
+        resume = env_str(MNEMOSYNE_RESUME)
+        if resume and start_epoch == 0:
+            self._resume(resume)
         self._recover(first=True)
 
     # ----------------------------------------------------------------- steady state
@@ -400,6 +411,63 @@ class Job:
         state["extra"] = {name: obj.state_dict() for name, obj in self.extra.items()}
         return state
 
+    def _resume(self, path: str) -> None:
+        """Load the checkpoint ``path`` (verified first) and continue after its step.
+
+        Every rank loads it, so the first agreement finds every rank at the same step
+        and no state is transferred. A replacement process (start epoch > 0) does not
+        load it: it receives the current state from donors as usual.
+        """
+        from mnemosyne.jit import ckpt
+
+        with phase(self.log, "resume_load", path=path) as t:
+            state, manifest = ckpt.load(path, template=self._state())
+            if int(manifest["world_size"]) != self.world_size:
+                msg = (f"checkpoint {path} was taken by a job of {manifest['world_size']} ranks; this job has "
+                       f"{self.world_size} (resume with --nproc-per-node {manifest['world_size']})")
+                raise ConfigError(msg)
+            self._load(state)
+            self.committed = int(manifest["step"])
+            self.next_step = self.committed + 1
+            t.fields.update(step=self.committed)
+        self.logger.info("resumed from %s at step %d", path, self.next_step)
+
+    def _checkpoint_and_exit(self, epoch: int, order: dict[str, Any]) -> None:
+        """The agent ordered a just-in-time checkpoint: agree, let the donors write it, exit.
+
+        Only the store is used (no communicator: a member is gone). The donors (ranks
+        holding the highest committed step) share the writing; the others just exit.
+        """
+        from mnemosyne.jit import ckpt
+
+        ranks = [int(r) for r in order["ranks"]]
+        committed = NO_STATE if self._torn else self.committed
+        code = EXIT_CKPT
+        try:
+            with phase(self.log, "agree", ckpt=True) as t:
+                plan = agree(self.store, epoch, self.rank, ranks, committed, self._started, self._interrupt,
+                             self.timeout)
+                t.fields.update(top=plan.top, donors=plan.donors, receivers=plan.receivers)
+            if plan.top >= 0 and self.rank in plan.donors:
+                path = Path(order["dir"]) / ckpt.checkpoint_name(plan.top)
+                with phase(self.log, "ckpt", step=plan.top, path=str(path), writers=plan.donors) as t:
+                    ckpt.write(path, self._state(), step=plan.top, rank=self.rank, world_size=self.world_size,
+                               store=self.store.prefixed(f"jitckpt/e{epoch}"), writer_ranks=plan.donors,
+                               meta={"seed": self.seed, "epoch": epoch, "job": self.job_id},
+                               timeout=self.timeout)
+                    mine = path / f"shard-{self.rank:05d}"
+                    t.fields.update(bytes=sum(p.stat().st_size for p in mine.rglob("*") if p.is_file()))
+            elif plan.top < 0:
+                self.logger.warning("checkpoint ordered but no step was committed: nothing to write")
+        except Exception as exc:
+            self.logger.exception("just-in-time checkpoint failed: %s", exc)
+            code = EXIT_CKPT_FAILED
+        self.log.emit(EventKind.INFO, "trainer_ckpt_exit", committed=self.committed, code=code)
+        self.log.close()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
     def _load(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optim"])
@@ -458,6 +526,8 @@ class Job:
                 os._exit(EXIT_REPLACED)
             ranks = list(members.ranks)
             self._set_pos(self.next_step, "recovery", coll=True)
+            if self.store.check([_keys.ckpt_order(epoch)]):
+                self._checkpoint_and_exit(epoch, json.loads(self.store.get(_keys.ckpt_order(epoch), self.timeout)))
             try:
                 with phase(self.log, "repair", first=first, backend=self.backend_name) as t:
                     comm, how = self._connect(epoch, len(ranks), first)
