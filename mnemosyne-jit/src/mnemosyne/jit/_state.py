@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,16 +62,19 @@ def _dtype(name: str) -> torch.dtype:
     return dt
 
 
-def flatten(obj: Any, tensors: list[torch.Tensor], path: str = "") -> Any:
-    """Return the JSON skeleton of ``obj``; append its tensors to ``tensors``.
+def skeleton(obj: Any, on_tensor: Callable[[torch.Tensor, str], Any], path: str = "",
+             use: str = "transferred") -> Any:
+    """Return the JSON skeleton of ``obj``: each tensor becomes ``{"T": on_tensor(t, path)}``.
+
+    Paths name nested keys after a "/" each (``/model/layer.weight``); the transfer numbers
+    tensors, the checkpoint names them by path (:mod:`mnemosyne.jit.ckpt`).
 
     Raises:
         StateError: ``obj`` holds a value that is neither a tensor, a container nor a
             JSON scalar; the message names its path.
     """
     if isinstance(obj, torch.Tensor):
-        tensors.append(obj)
-        return {"T": len(tensors) - 1}
+        return {"T": on_tensor(obj, path)}
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     if isinstance(obj, dict):
@@ -80,31 +83,50 @@ def flatten(obj: Any, tensors: list[torch.Tensor], path: str = "") -> Any:
             if not isinstance(k, (str, int)) or isinstance(k, bool):
                 msg = f"state {path or '<root>'}: dict key {k!r} is not a str or int"
                 raise StateError(msg)
-            items.append([k, flatten(v, tensors, f"{path}/{k}")])
+            items.append([k, skeleton(v, on_tensor, f"{path}/{k}", use)])
         return {"D": items}
     if isinstance(obj, tuple):
-        return {"U": [flatten(v, tensors, f"{path}/{i}") for i, v in enumerate(obj)]}
+        return {"U": [skeleton(v, on_tensor, f"{path}/{i}", use) for i, v in enumerate(obj)]}
     if isinstance(obj, list):
-        return [flatten(v, tensors, f"{path}/{i}") for i, v in enumerate(obj)]
-    msg = (f"state {path or '<root>'}: value of type {type(obj).__name__} cannot be transferred; "
+        return [skeleton(v, on_tensor, f"{path}/{i}", use) for i, v in enumerate(obj)]
+    msg = (f"state {path or '<root>'}: value of type {type(obj).__name__} cannot be {use}; "
            "expected tensors, dicts, lists, tuples, str, int, float, bool or None")
     raise StateError(msg)
 
 
-def unflatten(skel: Any, tensors: Sequence[torch.Tensor]) -> Any:
-    """Rebuild the object that :func:`flatten` described."""
+def rebuild(skel: Any, tensor_of: Callable[[Any], torch.Tensor], error: type[Exception] = StateError) -> Any:
+    """Rebuild the object that :func:`skeleton` described; ``tensor_of`` resolves a ``"T"`` reference.
+
+    Raises:
+        error: A node of ``skel`` is not one :func:`skeleton` writes.
+    """
     if isinstance(skel, dict):
         if "T" in skel:
-            return tensors[int(skel["T"])]
+            return tensor_of(skel["T"])
         if "D" in skel:
-            return {k: unflatten(v, tensors) for k, v in skel["D"]}
+            return {k: rebuild(v, tensor_of, error) for k, v in skel["D"]}
         if "U" in skel:
-            return tuple(unflatten(v, tensors) for v in skel["U"])
+            return tuple(rebuild(v, tensor_of, error) for v in skel["U"])
         msg = f"malformed state skeleton node {json.dumps(skel)[:80]}"
-        raise StateError(msg)
+        raise error(msg)
     if isinstance(skel, list):
-        return [unflatten(v, tensors) for v in skel]
+        return [rebuild(v, tensor_of, error) for v in skel]
     return skel
+
+
+def flatten(obj: Any, tensors: list[torch.Tensor], path: str = "") -> Any:
+    """Return the JSON skeleton of ``obj``; append its tensors to ``tensors`` (numbered references)."""
+
+    def number(t: torch.Tensor, _path: str) -> int:
+        tensors.append(t)
+        return len(tensors) - 1
+
+    return skeleton(obj, number, path)
+
+
+def unflatten(skel: Any, tensors: Sequence[torch.Tensor]) -> Any:
+    """Rebuild the object that :func:`flatten` described."""
+    return rebuild(skel, lambda ref: tensors[int(ref)])
 
 
 def spec_of(t: torch.Tensor) -> TensorSpec:

@@ -39,7 +39,7 @@ import torch
 from mnemosyne.core.errors import ConfigError, CorruptStateError, StateError, StoreTimeout
 from mnemosyne.core.store import Store
 from mnemosyne.jit.__about__ import __version__
-from mnemosyne.jit._state import TensorSpec, assign_stripes, spec_of
+from mnemosyne.jit._state import TensorSpec, assign_stripes, rebuild, skeleton, spec_of
 
 __all__ = [
     "FORMAT",
@@ -79,46 +79,20 @@ def checkpoint_name(step: int) -> str:
 # ----------------------------------------------------------------- state <-> named tensors
 def _named(obj: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
     """JSON skeleton of ``obj``: tensors become ``{"T": name}`` and land in ``tensors``."""
-    if isinstance(obj, torch.Tensor):
-        name = path or "<root>"
+
+    def name_of(t: torch.Tensor, at: str) -> str:
+        name = at.removeprefix("/") or "<root>"  # checkpoint keys read "model/layer.weight"
         if name in tensors:
             msg = f"state: two tensors map to the checkpoint key {name!r}"
             raise StateError(msg)
-        tensors[name] = obj
-        return {"T": name}
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    sub = f"{path}/" if path else ""
-    if isinstance(obj, dict):
-        items = []
-        for k, v in obj.items():
-            if not isinstance(k, (str, int)) or isinstance(k, bool):
-                msg = f"state {path or '<root>'}: dict key {k!r} is not a str or int"
-                raise StateError(msg)
-            items.append([k, _named(v, tensors, f"{sub}{k}")])
-        return {"D": items}
-    if isinstance(obj, tuple):
-        return {"U": [_named(v, tensors, f"{sub}{i}") for i, v in enumerate(obj)]}
-    if isinstance(obj, list):
-        return [_named(v, tensors, f"{sub}{i}") for i, v in enumerate(obj)]
-    msg = (f"state {path or '<root>'}: value of type {type(obj).__name__} cannot be checkpointed; "
-           "expected tensors, dicts, lists, tuples, str, int, float, bool or None")
-    raise StateError(msg)
+        tensors[name] = t
+        return name
+
+    return skeleton(obj, name_of, path, use="checkpointed")
 
 
 def _rebuild(skel: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(skel, dict):
-        if "T" in skel:
-            return tensors[skel["T"]]
-        if "D" in skel:
-            return {k: _rebuild(v, tensors) for k, v in skel["D"]}
-        if "U" in skel:
-            return tuple(_rebuild(v, tensors) for v in skel["U"])
-        msg = f"malformed checkpoint skeleton node {json.dumps(skel)[:80]}"
-        raise CorruptStateError(msg)
-    if isinstance(skel, list):
-        return [_rebuild(v, tensors) for v in skel]
-    return skel
+    return rebuild(skel, lambda ref: tensors[ref], CorruptStateError)
 
 
 # ----------------------------------------------------------------- files
