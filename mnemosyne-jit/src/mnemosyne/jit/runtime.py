@@ -556,8 +556,12 @@ class Job:
                     self._load(received)
                 with phase(self.log, "resume", first=first):
                     self._comm.barrier()
-            except (CommError, RecoveryError) as exc:
-                if self._interrupt.is_set() or self._known_epoch > epoch:
+            except Exception as exc:
+                # A recovery that another failure interrupts must start over at the next epoch,
+                # whatever the symptom (a peer's socket, a store wait, torch's RuntimeError):
+                # seen when a replacement's first transfer lost its donor before the agent had
+                # published the next epoch.
+                if self._interrupt.is_set() or self._known_epoch > epoch or self._newer_epoch(epoch):
                     self.logger.info("recovery of epoch %d interrupted: %s", epoch, exc)
                     min_epoch = epoch + 1
                     continue
@@ -580,6 +584,14 @@ class Job:
                       role="receiver" if self.rank in plan.receivers else "donor",
                       max_started=max(plan.started.values(), default=-1))
         self._started = -1
+
+    def _newer_epoch(self, epoch: int, within: float = 5.0) -> bool:
+        """Whether the agent publishes an epoch after ``epoch`` within ``within`` seconds."""
+        try:
+            self.store.wait([_keys.membership(epoch + 1)], within)
+        except MnemosyneError:
+            return False
+        return True
 
     def _finish(self) -> bool:
         """Wait until every rank finished; False if a recovery is needed first."""
