@@ -63,7 +63,8 @@ from mnemosyne.jit import _keys
 from mnemosyne.jit._select import MNEMOSYNE_JIT_BACKEND
 from mnemosyne.jit._store import JobStoreHost, host_job_store
 
-__all__ = ["DEFAULT_CKPT_DIR", "EXIT_JOB_CKPT", "Agent", "AgentConfig", "RankStatus", "job_info_dir"]
+__all__ = ["DEFAULT_CKPT_DIR", "EXIT_JOB_CKPT", "MNEMOSYNE_SHRINK", "Agent", "AgentConfig", "RankStatus",
+           "job_info_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,9 @@ logger = logging.getLogger(__name__)
 EXIT_JOB_CKPT = 3
 #: Checkpoint root when ``--no-replace`` is given without ``--ckpt-dir``.
 DEFAULT_CKPT_DIR = "mnemo-ckpts"
+#: Set to ``1`` in every trainer of a job launched with ``--shrink``: the runtime then
+#: requires ``step.micro_batches()`` (a survivor may run a missing replica's batch too).
+MNEMOSYNE_SHRINK = "MNEMOSYNE_SHRINK"
 
 # Settings every spawned process gets unless the user set them: one intra-op thread per
 # rank (as torchrun does), and NCCL kept in a mode where in-process recovery is possible.
@@ -119,6 +123,9 @@ class AgentConfig:
         ckpt_dir: Root of just-in-time checkpoints; when set, running out of
             ``max_restarts`` also checkpoints instead of giving up.
         resume: A verified checkpoint directory every rank loads before its first step.
+        shrink: When a rank fails and no warm spare is ready, continue without it (the
+            survivors run its batches by gradient accumulation, so the global batch
+            stays) while a replacement warms up, then grow back to the full size.
     """
 
     command: list[str]
@@ -137,6 +144,7 @@ class AgentConfig:
     no_replace: bool = False
     ckpt_dir: str | None = None
     resume: str | None = None
+    shrink: bool = False
 
 
 @dataclass
@@ -158,6 +166,7 @@ class RankStatus:
     committed: int = -2
     last_commit_at: float = 0.0
     replacements: int = 0
+    absent: bool = False  # shrunk out: no process holds the rank until the job grows back
 
 
 @dataclass
@@ -229,6 +238,8 @@ class Agent:
             # Children make the agent's store/communicator choice, whatever they can import.
             MNEMOSYNE_JIT_BACKEND: self.server.kind,
         })
+        if self.config.shrink:
+            env[MNEMOSYNE_SHRINK] = "1"
         if self.config.resume:
             from mnemosyne.jit.runtime import MNEMOSYNE_RESUME
 
@@ -253,11 +264,15 @@ class Agent:
         self.spares.append(_Spare(sid, proc))
         self.log.emit(EventKind.INFO, "spare_start", spare=sid, pid=proc.pid)
 
+    def _ready_spares(self) -> list[_Spare]:
+        assert self.store is not None
+        return [s for s in self.spares if s.proc.poll() is None and self.store.check([_keys.spare_ready(s.spare_id)])]
+
     def _assign(self, rank: int, epoch: int) -> subprocess.Popen[bytes]:
         """Give ``rank`` to a spare (a ready one first) or to a new process."""
         assert self.store is not None
         live = [s for s in self.spares if s.proc.poll() is None]
-        ready = [s for s in live if self.store.check([_keys.spare_ready(s.spare_id)])]
+        ready = self._ready_spares()
         pick = (ready or live)[0] if (ready or live) else None
         if pick is None:
             proc = self._start_trainer(rank, epoch)
@@ -324,16 +339,58 @@ class Agent:
         if exhausted:
             self.failed_reason = f"rank {rank} failed ({cause}) after {self.config.max_restarts} replacements"
             return
+        if self.config.shrink and not self._ready_spares() and self.membership.size > 1:
+            self._shrink(rank, cause)
+            return
         nxt, _change = self.membership.replace([rank], f"rank {rank} {cause}")
         self._publish(nxt, [rank], f"rank {rank} {cause}")
-        st.proc = self._assign(rank, nxt.epoch)
-        st.member = nxt.members[rank]
+        self._hand_over(st, nxt)
+
+    def _hand_over(self, st: RankStatus, nxt: Membership) -> None:
+        """Start the new holder of ``st.rank`` in epoch ``nxt`` (a spare, or a new process)."""
+        st.proc = self._assign(st.rank, nxt.epoch)
+        st.member = nxt.members[st.rank]
         st.started_at = time.monotonic()
         st.hung = ""
         st.hb_seq = -1
         st.position = ()
         st.phase = "replacing"
         st.replacements += 1
+        st.absent = False
+
+    def _shrink(self, rank: int, cause: str) -> None:
+        """Continue without ``rank`` (no warm spare is ready) and warm up its replacement."""
+        st = self.ranks[rank]
+        nxt, _ = self.membership.remove([rank], f"rank {rank} {cause}: shrink")
+        self._publish(nxt, [], f"rank {rank} {cause}: no warm spare ready, continue with {nxt.size} replicas")
+        st.proc = None
+        st.absent = True
+        st.phase = "absent"
+        self.log.emit(EventKind.INFO, "shrink", target_rank=rank, members=list(nxt.ranks),
+                      world_size=self.config.nproc)
+        logger.warning("rank %d failed (%s): continuing with %d of %d replicas until a replacement is ready",
+                       rank, cause, nxt.size, self.config.nproc)
+        absent = sum(1 for s in self.ranks if s.absent)
+        if len([s for s in self.spares if s.proc.poll() is None]) < absent:
+            self._start_spare()
+
+    def _maybe_grow(self) -> None:
+        """Give absent ranks back to ready spares: one new epoch for all of them."""
+        absent = [st for st in self.ranks if st.absent]
+        if not absent or self._all_done():
+            return
+        ready = self._ready_spares()
+        grow = absent[: len(ready)]
+        if not grow:
+            return
+        ranks = [st.rank for st in grow]
+        nxt, _ = self.membership.add(ranks, f"grow back {ranks}")
+        self._publish(nxt, [], f"replacement ready: grow back to {nxt.size} replicas")
+        self.log.emit(EventKind.INFO, "grow", target_ranks=ranks, members=list(nxt.ranks),
+                      world_size=self.config.nproc)
+        logger.warning("replacement ready: ranks %s rejoin (%d of %d replicas)", ranks, nxt.size, self.config.nproc)
+        for st in grow:
+            self._hand_over(st, nxt)
 
     def _order_checkpoint(self, rank: int, cause: str) -> None:
         """Publish the "checkpoint and exit" decision: a new epoch whose order key lists the survivors."""
@@ -341,7 +398,7 @@ class Agent:
         self.ranks[rank].finished = True
         self.ranks[rank].phase = "failed"
         root = Path(self.config.ckpt_dir or DEFAULT_CKPT_DIR).resolve()
-        survivors = [st.rank for st in self.ranks if st.rank != rank and not st.finished]
+        survivors = [st.rank for st in self.ranks if st.rank != rank and not st.finished and not st.absent]
         nxt, _ = self.membership.replace([], f"rank {rank} {cause}: checkpoint and exit")
         order = {"dir": str(root), "ranks": survivors, "failed": rank}
         # Set before the epoch: a survivor that adopts the epoch finds the order with it.
@@ -405,8 +462,9 @@ class Agent:
         return "exit", detail
 
     def _all_done(self) -> bool:
+        """Every present member reported the end of training (absent ranks are not waited for)."""
         assert self.store is not None
-        return self.store.check([_keys.done(r) for r in range(self.config.nproc)])
+        return self.store.check([_keys.done(r) for r in self.membership.ranks])
 
     def _progress_timeout(self) -> float:
         if self.hang_override is not None:
@@ -533,14 +591,19 @@ class Agent:
                 if sp.proc.poll() is not None:
                     self.spares.remove(sp)
                     self.log.emit(EventKind.INFO, "spare_exit", spare=sp.spare_id, returncode=sp.proc.returncode)
-            if all(st.finished for st in self.ranks) and self.ckpt_order is not None:
+                    absent = sum(1 for st in self.ranks if st.absent)
+                    if absent > len(self.spares) and self._stop_signal is None:
+                        self._start_spare()  # the replacement an absent rank waits for died: warm another
+            if all(st.finished or st.absent for st in self.ranks) and self.ckpt_order is not None:
                 return self._finish_checkpoint()
-            if all(st.finished for st in self.ranks):
+            if all(st.finished or st.absent for st in self.ranks):
                 self.log.emit(EventKind.INFO, "job_done", restarts=self.restarts)
                 return 0
             if now >= next_hb:
                 next_hb = now + 0.05
                 self._check_heartbeats(now)
+                if self.ckpt_order is None:
+                    self._maybe_grow()
                 requests = self.store.add(_keys.REBUILD_REQUEST, 0)
                 if requests > self._rebuilds_seen:
                     self._rebuilds_seen = requests

@@ -36,7 +36,8 @@ def _launch(args: argparse.Namespace) -> int:
     resume = _resolve_resume(args.resume, args.nproc_per_node) if args.resume else None
     cfg = AgentConfig(command=command, nproc=args.nproc_per_node, spares=args.spares, hang_timeout=args.hang_timeout,
                       max_restarts=args.max_restarts, event_log=args.event_log, job_id=args.job_id, host=args.host,
-                      env=env, no_replace=args.no_replace, ckpt_dir=args.ckpt_dir, resume=resume)
+                      env=env, no_replace=args.no_replace, ckpt_dir=args.ckpt_dir, resume=resume,
+                      shrink=args.shrink)
     agent = Agent(cfg)
     print(f"mnemo launch: job {agent.job_id}, {cfg.nproc} ranks, {cfg.spares} spares, events: "
           f"{agent.event_log_path}", flush=True)
@@ -85,6 +86,10 @@ def register_launch(sub: Any) -> None:
     p.add_argument("--no-replace", action="store_true",
                    help="never replace a failed rank: the healthy ranks write a just-in-time checkpoint and the "
                         "job exits with code 3")
+    p.add_argument("--shrink", action="store_true",
+                   help="when a rank fails and no warm spare is ready, continue with fewer replicas (the survivors "
+                        "run its batches by gradient accumulation) and grow back once a replacement is warm; the "
+                        "script must iterate step.micro_batches()")
     p.add_argument("--ckpt-dir", default=None,
                    help="root of just-in-time checkpoints (default ./mnemo-ckpts); when given, running out of "
                         "--max-restarts also checkpoints instead of giving up")
