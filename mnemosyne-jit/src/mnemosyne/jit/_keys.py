@@ -9,18 +9,25 @@ from __future__ import annotations
 __all__ = [
     "DONE",
     "EPOCH",
+    "FAIL_COUNT",
     "INJECT_COUNT",
     "REBUILD_REQUEST",
+    "STOP",
+    "agent_exit",
+    "agent_lost",
+    "agent_status",
     "arrive",
     "ckpt_order",
     "comm_epoch",
     "comm_prefix",
     "committed",
     "done",
+    "fail_report",
     "fired",
     "heartbeat",
     "inject_plan",
     "membership",
+    "placement",
     "report",
     "spare_assign",
     "spare_ready",
@@ -37,6 +44,35 @@ INJECT_COUNT = "inject/n"
 REBUILD_REQUEST = "rebuild_request"
 #: Prefix of ranks that finished training.
 DONE = "done"
+#: Counter of failure reports that node agents sent to the coordinator (indexes reserved by ``add``).
+FAIL_COUNT = "agents/fail/n"
+#: Set by the coordinator when the job stops (signal, giving up): every agent stops (value: why).
+STOP = "agents/stop"
+
+
+def agent_status(node: int) -> str:
+    """Status of the agent of ``node`` (JSON: seq, ready/live spares), rewritten ~10 times a second."""
+    return f"agents/{node}/status"
+
+
+def agent_exit(node: int) -> str:
+    """Set by the agent of ``node`` as it leaves (JSON: its exit code, its trainers' exit codes)."""
+    return f"agents/{node}/exit"
+
+
+def agent_lost(node: int) -> str:
+    """Set by the coordinator when it gave ``node`` up (its ranks now live elsewhere or are absent)."""
+    return f"agents/{node}/lost"
+
+
+def fail_report(index: int) -> str:
+    """The ``index``-th failure report of a node agent (JSON: rank, member, cause, detail, node)."""
+    return f"agents/fail/{index}"
+
+
+def placement(epoch: int) -> str:
+    """Which node starts which rank in ``epoch`` (JSON: rank -> [node, local_rank]), set before the epoch."""
+    return f"membership/{epoch}/place"
 
 
 def membership(epoch: int) -> str:

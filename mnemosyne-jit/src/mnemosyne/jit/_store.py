@@ -193,16 +193,16 @@ class JobStoreHost:
             self._server = None
 
 
-def host_job_store(job: str, token: str, host: str = "127.0.0.1") -> JobStoreHost:
-    """Start the job's store server in this process (the launcher)."""
+def host_job_store(job: str, token: str, host: str = "127.0.0.1", port: int = 0) -> JobStoreHost:
+    """Start the job's store server in this process (the launcher) on ``host:port`` (0: any free port)."""
     from mnemosyne.jit._select import use_ccl
 
     if use_ccl():
         from mnemosyne.ccl import StoreClient, StoreServer
 
-        server = StoreServer(host=host, port=0, jobs={job: token}).start()
+        server = StoreServer(host=host, port=port, jobs={job: token}).start()
         return JobStoreHost(server.address, StoreClient(server.address, job, token), "ccl", server)
-    ts = host_store(host)
+    ts = host_store(host, port)
     return JobStoreHost(ts.addr, ts.prefixed(job), "torch")
 
 

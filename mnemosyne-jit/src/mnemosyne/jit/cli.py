@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 
 def _launch(args: argparse.Namespace) -> int:
-    from mnemosyne.jit.agent import Agent, AgentConfig
+    from mnemosyne.jit.agent import Agent, AgentConfig, read_token_file
     from mnemosyne.jit.inject import parse_plans
 
     if not args.script:
@@ -33,18 +33,22 @@ def _launch(args: argparse.Namespace) -> int:
     if args.inject:
         parse_plans(args.inject)  # fail now, not in every rank
         env[MNEMOSYNE_INJECT] = args.inject
-    resume = _resolve_resume(args.resume, args.nproc_per_node) if args.resume else None
+    world = args.nproc_per_node * args.nnodes
+    resume = _resolve_resume(args.resume, world) if args.resume else None
+    token = read_token_file(args.token_file) if args.token_file else None
     cfg = AgentConfig(command=command, nproc=args.nproc_per_node, spares=args.spares, hang_timeout=args.hang_timeout,
                       max_restarts=args.max_restarts, event_log=args.event_log, job_id=args.job_id, host=args.host,
                       env=env, no_replace=args.no_replace, ckpt_dir=args.ckpt_dir, resume=resume,
-                      shrink=args.shrink)
+                      shrink=args.shrink, nnodes=args.nnodes, node_rank=args.node_rank, master=args.master,
+                      token=token, node_timeout=args.node_timeout)
     agent = Agent(cfg)
-    print(f"mnemo launch: job {agent.job_id}, {cfg.nproc} ranks, {cfg.spares} spares, events: "
+    where = f"node {cfg.node_rank} of {cfg.nnodes}, " if cfg.nnodes > 1 else ""
+    print(f"mnemo launch: job {agent.job_id}, {where}{cfg.nproc} ranks, {cfg.spares} spares, events: "
           f"{agent.event_log_path}", flush=True)
     return agent.run()
 
 
-def _resolve_resume(given: str, nproc: int) -> str:
+def _resolve_resume(given: str, world: int) -> str:
     """The checkpoint ``--resume`` names (itself or the newest in a folder), verified, as an absolute path.
 
     Raises:
@@ -64,9 +68,9 @@ def _resolve_resume(given: str, nproc: int) -> str:
             raise ConfigError(msg)
         path = found
     report = ckpt.verify(path)  # before any process starts: a bad checkpoint fails the launch now
-    if report.world_size != nproc:
+    if report.world_size != world:
         msg = (f"mnemo launch --resume {path}: the checkpoint was taken by {report.world_size} ranks, "
-               f"but --nproc-per-node is {nproc}; resume with --nproc-per-node {report.world_size}")
+               f"but this job has {world} (--nproc-per-node x --nnodes); resume with {report.world_size} ranks")
         raise ConfigError(msg)
     print(f"mnemo launch: resuming from {path} (step {report.step}; training continues at step {report.step + 1})",
           flush=True)
@@ -79,6 +83,14 @@ def register_launch(sub: Any) -> None:
                        description="Start N ranks of a training script that uses mnemosyne.jit, supervise them, "
                                    "and heal the job in place when a rank dies, hangs or raises.")
     p.add_argument("--nproc-per-node", type=int, required=True, help="ranks to run on this node")
+    p.add_argument("--nnodes", type=int, default=1, help="nodes in the job, one `mnemo launch` each (default 1)")
+    p.add_argument("--node-rank", type=int, default=0, help="this node, 0..nnodes-1; node 0 hosts the store")
+    p.add_argument("--master", default=None, metavar="HOST:PORT",
+                   help="where node 0 hosts the job's store (required with --nnodes > 1; node 0 listens there)")
+    p.add_argument("--token-file", default=None, metavar="FILE",
+                   help="file (mode 600) holding the job's shared token (multi-node; or set MNEMOSYNE_TOKEN)")
+    p.add_argument("--node-timeout", type=float, default=5.0,
+                   help="seconds without news from a node's agent before the node counts as lost (default 5)")
     p.add_argument("--spares", type=int, default=1, help="pre-warmed spare processes to keep (default 1)")
     p.add_argument("--hang-timeout", type=float, default=None,
                    help="seconds without progress before a rank counts as hung (default: learned from step times)")
@@ -96,8 +108,10 @@ def register_launch(sub: Any) -> None:
     p.add_argument("--resume", default=None, metavar="DIR",
                    help="start from a checkpoint (DIR itself or the newest complete one under DIR)")
     p.add_argument("--event-log", default=None, help="JSON-lines event log (default ./mnemo-events/<job>.jsonl)")
-    p.add_argument("--job-id", default=None, help="job id (default: generated)")
-    p.add_argument("--host", default="127.0.0.1", help="interface the job's store listens on")
+    p.add_argument("--job-id", default=None,
+                   help="job id, the same on every node (default: MNEMOSYNE_JOB_ID, else generated on one node)")
+    p.add_argument("--host", default=None,
+                   help="interface the job's store listens on (default: the --master host, else 127.0.0.1)")
     p.add_argument("--inject", default=None, metavar="PLAN",
                    help="fault plan for testing, e.g. 'rank=1,step=5,kind=kill,phase=forward' (';' separates plans)")
     p.add_argument("-m", "--module", action="store_true", help="the script is a module name (python -m)")

@@ -80,6 +80,32 @@ class Membership:
         """Number of live members."""
         return len(self.members)
 
+    def next(self, *, replace: Iterable[int] = (), remove: Iterable[int] = (), add: Iterable[int] = (),
+             reason: str = "") -> Membership:
+        """Return the next epoch with several changes at once (one epoch, one repair).
+
+        ``replace``: present ranks held by new incarnations; ``remove``: present ranks
+        dropped (shrink); ``add``: absent ranks held again (grow back).
+
+        Raises:
+            ConfigError: A rank to replace or remove is absent, a rank to add is present,
+                or a rank appears in two lists.
+        """
+        rep, rem, new_ranks = (tuple(sorted(set(x))) for x in (replace, remove, add))
+        both = (set(rep) & set(rem)) | (set(rep) & set(new_ranks)) | (set(rem) & set(new_ranks))
+        if both:
+            msg = f"ranks {sorted(both)} appear in more than one of replace/remove/add"
+            raise ConfigError(msg)
+        self._check_present(rep + rem)
+        present = [r for r in new_ranks if r in self.members]
+        if present:
+            msg = f"cannot add ranks {present}: already present in epoch {self.epoch}"
+            raise ConfigError(msg)
+        members = {r: m for r, m in self.members.items() if r not in rem}
+        for r in rep + new_ranks:
+            members[r] = f"r{r}.g{self.epoch + 1}"
+        return Membership(self.epoch + 1, members, reason)
+
     def replace(self, ranks: Iterable[int], reason: str = "") -> tuple[Membership, MembershipChange]:
         """Return the next epoch where each of ``ranks`` is held by a new incarnation."""
         ranks = tuple(sorted(set(ranks)))
