@@ -14,8 +14,12 @@ step time with Mnemosyne / with plain DDP, over the steps before the fault, meas
 this same invocation.
 
 Usage: python tools/bench/recovery.py [--nproc 4] [--steps 60] [--ckpt-every 20]
-       [--kill-step 30] [--kill-rank 2] [--jit-backend auto|ccl|torch] [--json OUT]
-Last line: ``recovery_speedup: <baseline lost time / Mnemosyne's>``.
+       [--kill-step 30] [--kill-rank 2] [--kill-phase forward|allreduce|optimizer]
+       [--model demo|1b] [--spares 1,0] [--jit-backend auto|ccl|torch] [--json OUT]
+``--spares 1,0`` runs Mnemosyne once with a pre-warmed spare and once without (the
+replacement then starts cold); the speedup is taken from the first. ``--model 1b`` is a
+1.2-billion-parameter GPT (24 layers, width 2048) for the GPU machines; on GPUs (one per
+rank) both runs use NCCL. Last line: ``recovery_speedup: <baseline lost time / Mnemosyne's>``.
 """
 
 from __future__ import annotations
@@ -43,12 +47,20 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_mnemosyne(work: Path, a: argparse.Namespace) -> dict:
+#: Model presets (demo GPT options); ``1b``: 24 x 12 x 2048^2 + embeddings = 1.27e9 parameters.
+MODELS = {
+    "demo": DEMO_MODEL,
+    "1b": ["--layers", "24", "--dim", "2048", "--heads", "16", "--block", "512", "--vocab", "32000",
+           "--batch", "4", "--samples", "4096", "--log-steps"],
+}
+
+
+def run_mnemosyne(work: Path, a: argparse.Namespace, spares: int) -> dict:
     t0 = time.perf_counter()
-    plan = f"rank={a.kill_rank},step={a.kill_step},kind=kill,phase=forward"
+    plan = f"rank={a.kill_rank},step={a.kill_step},kind=kill,phase={a.kill_phase}"
     env = {"MNEMOSYNE_JIT_BACKEND": a.jit_backend} if a.jit_backend != "auto" else None
-    run = launch(work / "mnemosyne", nproc=a.nproc, spares=1, steps=a.steps, inject=plan,
-                 train_args=DEMO_MODEL, timeout=a.timeout, env=env)
+    run = launch(work / f"mnemosyne-spares{spares}", nproc=a.nproc, spares=spares, steps=a.steps, inject=plan,
+                 train_args=MODELS[a.model], timeout=a.timeout, env=env)
     wall = time.perf_counter() - t0
     if run.returncode != 0:
         sys.exit(f"mnemosyne run failed ({run.returncode}):\n{run.output[-3000:]}")
@@ -59,7 +71,8 @@ def run_mnemosyne(work: Path, a: argparse.Namespace) -> dict:
     return {"lost_s": inc.total_s, "phases_s": inc.phases_s, "steps_redone": inc.steps_redone,
             "step_median_s": statistics.median(steps), "wall_s": wall,
             "bytes_transferred": inc.bytes_transferred, "donors": inc.donors,
-            "backend": ",".join(sorted({str(e.fields.get("backend")) for e in ev if e.name == "trainer_start"}))}
+            "backend": ",".join(sorted({str(e.fields.get("backend")) for e in ev if e.name == "trainer_start"})),
+            "spares": spares}
 
 
 def run_baseline(work: Path, a: argparse.Namespace) -> dict:
@@ -71,7 +84,7 @@ def run_baseline(work: Path, a: argparse.Namespace) -> dict:
            "--monitor-interval", "0.1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
            "-m", "mnemosyne.jit.demo.baseline", "--ckpt-dir", str(out / "ckpt"), "--ckpt-every", str(a.ckpt_every),
            "--events", str(events), "--kill-rank", str(a.kill_rank), "--kill-step", str(a.kill_step),
-           "--steps", str(a.steps), *[x for x in DEMO_MODEL if x != "--log-steps"]]
+           "--steps", str(a.steps), *[x for x in MODELS[a.model] if x != "--log-steps"]]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=a.timeout, check=False)
     wall = time.perf_counter() - t0
@@ -112,33 +125,46 @@ def main() -> None:
     p.add_argument("--kill-rank", type=int, default=2)
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--json", default=None)
+    p.add_argument("--kill-phase", choices=["forward", "allreduce", "optimizer"], default="forward",
+                   help="where in the step the rank dies (the baseline always dies at the step's start)")
+    p.add_argument("--model", choices=sorted(MODELS), default="demo")
+    p.add_argument("--spares", default="1", help="comma-separated spare counts, one Mnemosyne run each (e.g. 1,0)")
     p.add_argument("--jit-backend", choices=["auto", "ccl", "torch"], default="auto",
                    help="mnemosyne's store/communicator: auto (mnemosyne-ccl when installed) or forced")
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="mnemo-bench-"))
     import torch
 
-    print(f"recovery benchmark: demo GPT, {a.nproc} ranks, {a.steps} steps, kill rank {a.kill_rank} at step "
-          f"{a.kill_step}; baseline checkpoints every {a.ckpt_every} steps. torch {torch.__version__}, "
-          f"{os.cpu_count()} CPUs, work dir {work}", flush=True)
+    spare_cases = [int(x) for x in a.spares.split(",")]
+    gpu = "no GPU"
+    if torch.cuda.is_available():
+        gpu = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}, NCCL {torch.cuda.nccl.version()}"
+    print(f"recovery benchmark: GPT '{a.model}' ({' '.join(MODELS[a.model])}), {a.nproc} ranks, {a.steps} steps, "
+          f"kill rank {a.kill_rank} at step {a.kill_step} ({a.kill_phase}); baseline checkpoints every "
+          f"{a.ckpt_every} steps. torch {torch.__version__}, {gpu}, {os.cpu_count()} CPUs, work dir {work}",
+          flush=True)
     base = run_baseline(work, a)
-    mnemo = run_mnemosyne(work, a)
+    runs = [run_mnemosyne(work, a, n) for n in spare_cases]
+    mnemo = runs[0]
     print(f"\n{'baseline (torchrun restart + DCP reload)':<44}{'seconds':>10}")
     for k, v in base["phases_s"].items():
         print(f"  {k:<42}{v:>10.3f}")
     print(f"  {'total lost time':<42}{base['lost_s']:>10.3f}   ({base['steps_redone']} steps redone)")
-    print(f"\n{'mnemosyne (in-place recovery, 1 warm spare, ' + mnemo['backend'] + ')':<44}{'seconds':>10}")
-    for k, v in mnemo["phases_s"].items():
-        print(f"  {k:<42}{v:>10.3f}")
-    print(f"  {'total lost time':<42}{mnemo['lost_s']:>10.3f}   ({mnemo['steps_redone']} step redone, "
-          f"{mnemo['bytes_transferred'] / 1e6:.2f} MB from {mnemo['donors']} donors)")
+    for run in runs:
+        label = f"mnemosyne (in place, {run['spares']} warm spare{'s' if run['spares'] != 1 else ''}, {run['backend']})"
+        print(f"\n{label:<44}{'seconds':>10}")
+        for k, v in run["phases_s"].items():
+            print(f"  {k:<42}{v:>10.3f}")
+        print(f"  {'total lost time':<42}{run['lost_s']:>10.3f}   ({run['steps_redone']} step redone, "
+              f"{run['bytes_transferred'] / 1e6:.2f} MB from {run['donors']} donors)")
     overhead = mnemo["step_median_s"] / base["step_median_s"]
     speedup = base["lost_s"] / mnemo["lost_s"]
     print(f"\nsteady-state step time: plain DDP {base['step_median_s'] * 1000:.2f} ms, "
           f"mnemosyne {mnemo['step_median_s'] * 1000:.2f} ms, ratio {overhead:.3f}")
     print(f"baseline checkpoint (blocking DCP save) {base['checkpoint_s'] * 1000:.1f} ms every {a.ckpt_every} steps")
     if a.json:
-        Path(a.json).write_text(json.dumps({"baseline": base, "mnemosyne": mnemo, "step_time_ratio": overhead,
+        Path(a.json).write_text(json.dumps({"baseline": base, "mnemosyne": mnemo, "mnemosyne_runs": runs,
+                                            "step_time_ratio": overhead, "gpu": gpu,
                                             "recovery_speedup": speedup, "args": vars(a)}, indent=2))
     print(f"recovery_speedup: {speedup:.2f}")
 
