@@ -8,6 +8,7 @@ all-reduce changes the order in which floats are summed.
 """
 
 import threading
+import time
 
 import pytest
 import torch
@@ -17,8 +18,11 @@ from mnemosyne.ccl.store_client import StoreClient
 from mnemosyne.ccl.store_server import StoreServer
 from mnemosyne.core.errors import ConfigError
 from mnemosyne.core.events import EventKind
+from mnemosyne.jit._comm import TorchBackend
 from mnemosyne.jit._gradsync import GradSync
+from mnemosyne.jit._recovery import NO_STATE, agree, transfer
 from mnemosyne.jit._select import MNEMOSYNE_JIT_BACKEND
+from mnemosyne.jit._store import connect_store, host_store
 from mnemosyne.jit.data import ResumableSampler, assign_data_ranks, loader_for_rank
 from mnemosyne.jit.testing import TINY, flatten_state, launch
 
@@ -91,6 +95,82 @@ def test_gradsync_divides_by_the_data_world_not_the_members():
             assert out[r] == ([2.5] * 3, [third] * 3), out[r]  # (1+2+3+4)/4 and (1+2+4)/3
     finally:
         srv.stop()
+
+
+def _run_members(members, fn, timeout=30.0):
+    out = {}
+
+    def go(r):
+        try:
+            out[r] = fn(r)
+        except Exception as exc:
+            out[r] = exc
+
+    ts = [threading.Thread(target=go, args=(r,), daemon=True) for r in members]
+    for t in ts:
+        t.start()
+    deadline = time.monotonic() + timeout
+    for t in ts:
+        t.join(max(0.0, deadline - time.monotonic()))
+    assert not any(t.is_alive() for t in ts), f"members still running after {timeout} s: {out}"
+    return out
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["ccl", "torch"])
+def test_agree_and_transfer_over_members_with_a_gap(kind):
+    """Members [0, 1, 3] (rank 2 missing): rank 1 is behind and receives from donors 0 and 3.
+
+    Both communicators name peers by logical rank; the torch fallback's group numbers
+    them 0, 1, 2, so a missing translation would send to the wrong process or hang.
+    """
+    members = [0, 1, 3]
+    if kind == "ccl":
+        srv = StoreServer(jobs={"j": "t"}).start()
+        addr, stop = srv.address, srv.stop
+
+        def connect():
+            return StoreClient(addr, "j", "t", timeout=20)
+
+        def create(store, r):
+            return GlooBackend().create(store, r, 3, epoch=4, timeout=20, ranks=members)
+    else:
+        host = host_store()
+        addr, stop = host.addr, lambda: None
+
+        def connect():
+            return connect_store(addr).prefixed("j")
+
+        def create(store, r):
+            return TorchBackend("gloo").create(store, r, 3, epoch=4, timeout=20, interrupt=threading.Event(),
+                                               ranks=members)
+    donor_state = {"model": {f"w{i}": torch.arange(100 * (i + 1), dtype=torch.float32) * (i + 1) for i in range(5)},
+                   "step": 7}
+    try:
+        def body(r):
+            store = connect()
+            comm = create(store, r)
+            assert tuple(comm.ranks) == (0, 1, 3) and comm.rank == r
+            ev = threading.Event()
+            plan = agree(store, 4, r, members, NO_STATE if r == 1 else 7, 8, ev, 20)
+            assert (plan.top, plan.donors, plan.receivers) == (7, [0, 3], [1])
+            mine = donor_state if r != 1 else {"model": {f"w{i}": torch.zeros(1) for i in range(5)}, "step": -1}
+            got, nbytes = transfer(comm, store, 4, r, plan, torch.device("cpu"), lambda: mine, ev, 20)
+            comm.barrier()
+            comm.close()
+            return got, nbytes
+
+        out = _run_members(members, body)
+        for r in members:
+            assert not isinstance(out[r], Exception), (r, out[r])
+        got, nbytes = out[1]
+        assert nbytes > 0 and out[0][1] > 0 and out[3][1] > 0  # striped: both donors sent
+        assert got["step"] == 7
+        for name, t in donor_state["model"].items():
+            assert torch.equal(got["model"][name], t), name
+        assert out[0][0] is None and out[3][0] is None
+    finally:
+        stop()
 
 
 # --------------------------------------------------------------------------- jobs

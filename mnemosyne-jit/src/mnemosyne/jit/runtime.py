@@ -326,14 +326,18 @@ class Job:
                 obtained from ``data_for_rank``.
         """
         cursors = {self.rank: DataCursor(data)}
+        loaders: dict[int, Iterable[Any]] = {}
 
         def loader_of(d: int) -> Iterable[Any]:
+            if d in loaders:
+                return loaders[d]
             loader = data_for_rank(d) if data_for_rank is not None else loader_for_rank(data, d)
             if loader is None:
                 msg = (f"Job.steps(): this member must run data rank {d}'s batches (the job continues without "
                        "that rank), but no loader for it is known: pass a DataLoader over a ResumableSampler, "
                        "or data_for_rank=lambda d: <the loader of data rank d>")
                 raise ConfigError(msg)
+            loaders[d] = loader
             return loader
 
         def batch_of(k: int) -> Callable[[int], Any]:
