@@ -203,3 +203,47 @@ def test_stale_epoch_and_bad_membership_calls(store):
         GlooBackend().create(store, 2, 2, epoch=5)
     for c in (c0b, c1b):
         c.close()
+
+
+def test_create_over_ranks_with_a_gap_then_grow(store):
+    """create(ranks=[0, 1, 3]): a group whose logical ranks skip 2 (a shrunk job), then 2 joins."""
+    logical = [0, 1, 3, 2]  # thread i holds logical[i]; the last one is the newcomer
+
+    def body(i):
+        r = logical[i]
+        if r == 2:
+            c = GlooBackend().join(store, 2, epoch=1, timeout=10)
+        else:
+            c = GlooBackend().create(store, r, 3, epoch=0, timeout=10, ranks=[0, 1, 3])
+            assert (c.rank, c.size, c.ranks, c.physical_rank) == (r, 3, (0, 1, 3), [0, 1, 3].index(r))
+            t = torch.tensor([float(r)])
+            c.all_reduce(t)
+            assert t.item() == 4.0
+            t = torch.tensor([float(r)])
+            c.broadcast(t, root=3)
+            assert t.item() == 3.0
+            outs = [torch.zeros(1) for _ in range(3)]
+            c.all_gather(outs, torch.tensor([float(r)]))
+            assert [o.item() for o in outs] == [0.0, 1.0, 3.0]
+            if r == 3:
+                c.send(torch.tensor([9.0]), dst=0)
+            if r == 0:
+                x = torch.zeros(1)
+                c.recv(x, src=3)
+                assert x.item() == 9.0
+            c = c.grow([2])
+        t = torch.tensor([float(r + 1)])
+        c.all_reduce(t)
+        return c.epoch, c.rank, c.ranks, t.item()
+
+    res = run_ranks(4, body)
+    assert res == [(1, r, (0, 1, 2, 3), 10.0) for r in logical], res
+
+
+def test_create_ranks_checked(store):
+    with pytest.raises(ConfigError, match="not in the member list"):
+        GlooBackend().create(store, 2, 3, ranks=[0, 1, 3])
+    with pytest.raises(ConfigError, match="name 2 members"):
+        GlooBackend().create(store, 0, 3, ranks=[0, 1])
+    with pytest.raises(ConfigError, match="duplicate"):
+        GlooBackend().create(store, 0, 3, ranks=[0, 0, 1])

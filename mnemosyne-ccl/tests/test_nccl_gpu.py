@@ -88,3 +88,26 @@ def test_nccl_single_rank_lifecycle(tmp_path):
         store.close()
     finally:
         srv.stop()
+
+
+@pytest.mark.gpu
+@needs_one_gpu
+@pytest.mark.timeout(300)
+def test_nccl_create_over_a_logical_rank_subset(tmp_path):
+    """create(ranks=[3]): one member whose logical rank is 3 (NCCL rank 0), as in a shrunk job."""
+    from mnemosyne.ccl import StoreClient, StoreServer
+
+    srv = StoreServer(jobs={"j": "tok"}).start()
+    try:
+        store = StoreClient(srv.address, "j", "tok")
+        comm = NcclBackend(device=0, cache_dir=str(tmp_path / "cache")).create(store, 3, 1, ranks=[3])
+        assert (comm.rank, comm.size, tuple(comm.ranks), comm.physical_rank) == (3, 1, (3,), 0)
+        t = torch.full((16,), 2.0, device="cuda")
+        comm.all_reduce(t)
+        comm.broadcast(t, root=3)
+        torch.cuda.synchronize()
+        assert torch.equal(t, torch.full((16,), 2.0, device="cuda"))
+        comm.close()
+        store.close()
+    finally:
+        srv.stop()

@@ -70,6 +70,28 @@ def _check_ranks(name: str, ranks: Sequence[int]) -> tuple[int, ...]:
     return out
 
 
+def member_order(what: str, rank: int, size: int, ranks: Sequence[int] | None) -> tuple[int, ...]:
+    """Physical order of a new group: ``ranks`` sorted (default ``range(size)``), checked.
+
+    Raises:
+        ConfigError: ``size`` is not the number of distinct ``ranks``, a rank is
+            negative, or ``rank`` is not among them.
+    """
+    if ranks is None:
+        if size < 1 or not 0 <= rank < size:
+            msg = f"{what}: need 0 <= rank < size, got rank={rank}, size={size}"
+            raise ConfigError(msg)
+        return tuple(range(size))
+    order = _check_ranks(what, ranks)
+    if len(order) != size or size < 1:
+        msg = f"{what}: size={size} but ranks={list(ranks)} name {len(order)} members (expected one per member)"
+        raise ConfigError(msg)
+    if rank not in order:
+        msg = f"{what}: rank {rank} is not in the member list {list(order)}"
+        raise ConfigError(msg)
+    return order
+
+
 def advance_epoch(store: Store, tag: str, epoch: int) -> None:
     """Record that ``epoch`` of ``tag`` is being built; refuse an epoch older than the newest.
 

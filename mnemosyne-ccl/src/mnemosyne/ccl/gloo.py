@@ -21,7 +21,14 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from mnemosyne.ccl._base import FlexCommunicator, advance_epoch, agree_members, comm_prefix, read_members
+from mnemosyne.ccl._base import (
+    FlexCommunicator,
+    advance_epoch,
+    agree_members,
+    comm_prefix,
+    member_order,
+    read_members,
+)
 from mnemosyne.core.comm import CommBackend, ReduceOp
 from mnemosyne.core.errors import CommAborted, CommError, ConfigError, MissingDependencyError, StaleEpochError
 from mnemosyne.core.store import Store
@@ -258,21 +265,30 @@ class GlooBackend(CommBackend):
     name = "gloo"
 
     def create(self, store: Store, rank: int, size: int, *, epoch: int = 0, timeout: float = 30.0,
-               tag: str = "world") -> GlooCommunicator:
-        """Create epoch ``epoch`` of a group of ``size`` ranks; called by every rank.
+               tag: str = "world", ranks: Sequence[int] | None = None) -> GlooCommunicator:
+        """Create epoch ``epoch`` of a group of ``size`` ranks; called by every member.
+
+        Args:
+            store: The job's store (keys go under ``ccl/<tag>/e<epoch>``).
+            rank: This process's logical rank.
+            size: Number of members.
+            epoch: Epoch of the new communicator.
+            timeout: Seconds the build and each later collective may take.
+            tag: Name of the communicator family.
+            ranks: Logical ranks of the members (default ``range(size)``); a group over
+                a subset with gaps, e.g. ``[0, 1, 3]`` while rank 2 is missing. Physical
+                order is the sorted list.
 
         Raises:
-            ConfigError: Bad rank/size, or the ranks disagree on the size (every rank
-                fails fast, none waits for a group that cannot form).
+            ConfigError: Bad rank/size/ranks, or the members disagree on the member list
+                (every member fails fast, none waits for a group that cannot form).
             StaleEpochError: A newer epoch of ``tag`` already exists.
         """
         _torch()
-        if size < 1 or not 0 <= rank < size:
-            msg = f"gloo create: need 0 <= rank < size, got rank={rank}, size={size}"
-            raise ConfigError(msg)
+        order = member_order("gloo create", rank, size, ranks)
         advance_epoch(store, tag, epoch)
-        agree_members(store, tag, epoch, tuple(range(size)))
-        return GlooCommunicator.connect(store, tag, epoch, tuple(range(size)), rank, timeout)
+        agree_members(store, tag, epoch, order)
+        return GlooCommunicator.connect(store, tag, epoch, order, rank, timeout)
 
     def join(self, store: Store, rank: int, *, epoch: int, timeout: float = 30.0,
              tag: str = "world") -> GlooCommunicator:

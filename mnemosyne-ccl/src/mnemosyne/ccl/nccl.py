@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mnemosyne.ccl._base import FlexCommunicator, advance_epoch, agree_members, comm_prefix
+from mnemosyne.ccl._base import FlexCommunicator, advance_epoch, agree_members, comm_prefix, member_order
 from mnemosyne.core.comm import CommBackend, ReduceOp
 from mnemosyne.core.errors import CommAborted, CommError, ConfigError, MissingDependencyError
 from mnemosyne.core.store import Store
@@ -384,15 +384,17 @@ class NcclBackend(CommBackend):
         return ".".join(map(str, nccl_version()))
 
     def create(self, store: Store, rank: int, size: int, *, epoch: int = 0, timeout: float = 60.0,
-               tag: str = "world") -> NcclCommunicator:
-        """Create epoch ``epoch`` of ``size`` ranks; called by every rank (see GlooBackend.create)."""
+               tag: str = "world", ranks: Sequence[int] | None = None) -> NcclCommunicator:
+        """Create epoch ``epoch`` of ``size`` members; called by every member (see GlooBackend.create).
+
+        ``ranks`` lists the members' logical ranks (default ``range(size)``); the NCCL
+        ranks are the indices in the sorted list.
+        """
         _nccl()
-        if size < 1 or not 0 <= rank < size:
-            msg = f"nccl create: need 0 <= rank < size, got rank={rank}, size={size}"
-            raise ConfigError(msg)
+        order = member_order("nccl create", rank, size, ranks)
         advance_epoch(store, tag, epoch)
-        agree_members(store, tag, epoch, tuple(range(size)))
-        return NcclCommunicator.connect(store, tag, epoch, tuple(range(size)), rank, timeout, self.device,
+        agree_members(store, tag, epoch, order)
+        return NcclCommunicator.connect(store, tag, epoch, order, rank, timeout, self.device,
                                         _TopoCache(self._cache_dir))
 
     def join(self, store: Store, rank: int, *, epoch: int, timeout: float = 60.0,

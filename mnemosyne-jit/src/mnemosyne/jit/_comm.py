@@ -2,7 +2,10 @@
 
 Every membership epoch gets a brand-new torch ProcessGroup (Gloo on CPU, NCCL on GPU)
 built under a fresh store prefix; nothing of a previous epoch is reused ("everyone
-rebuilds": slower than ccl's shrink/grow, but correct).
+rebuilds": slower than ccl's shrink/grow, but correct). The members are logical ranks,
+possibly with gaps (a shrunk job: ``[0, 1, 3]``); the group's own (physical) rank of a
+member is its index in the sorted member list, and every call that names a peer
+translates.
 
 Abort: Gloo's ``ProcessGroup.abort`` does not wake an operation blocked on a peer, and
 destroying a group with a pending operation blocks until torch's timeout. So every
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import datetime
+import json
 import logging
 import threading
 import time
@@ -72,17 +76,25 @@ class TorchComm:
     """One epoch of a torch ProcessGroup, with abort from any thread (a core Communicator).
 
     Args:
-        pg: The process group (all ranks ``0..size-1`` are members).
-        rank: This process's rank.
+        pg: The process group (physical ranks ``0..size-1``).
+        rank: This process's logical rank.
         size: Group size.
         epoch: Membership epoch.
         backend: ``"gloo"`` or ``"nccl"``.
+        ranks: Logical ranks of the members (default ``range(size)``); physical rank
+            ``i`` holds ``sorted(ranks)[i]``.
     """
 
-    def __init__(self, pg: Any, rank: int, size: int, epoch: int, backend: str) -> None:
+    def __init__(self, pg: Any, rank: int, size: int, epoch: int, backend: str,
+                 ranks: Sequence[int] | None = None) -> None:
         self._pg = pg
         self._rank = rank
         self._size = size
+        self._ranks = tuple(sorted(ranks)) if ranks is not None else tuple(range(size))
+        if len(self._ranks) != size or rank not in self._ranks:
+            msg = f"torch group of epoch {epoch}: rank {rank}, size {size} and members {list(self._ranks)} disagree"
+            raise CommError(msg)
+        self._phys = {r: i for i, r in enumerate(self._ranks)}
         self._epoch = epoch
         self.backend = backend
         self._abort = threading.Event()
@@ -109,7 +121,19 @@ class TorchComm:
     @property
     def ranks(self) -> Sequence[int]:
         """See :class:`Communicator`."""
-        return tuple(range(self._size))
+        return self._ranks
+
+    def physical(self, logical: int) -> int:
+        """The torch group's rank of logical rank ``logical``.
+
+        Raises:
+            CommError: ``logical`` is not a member.
+        """
+        try:
+            return self._phys[logical]
+        except KeyError:
+            msg = f"rank {logical} is not a member of the group of epoch {self._epoch} (members {list(self._ranks)})"
+            raise CommError(msg) from None
 
     @property
     def aborted(self) -> bool:
@@ -206,7 +230,7 @@ class TorchComm:
         import torch.distributed as dist
 
         opts = dist.BroadcastOptions()
-        opts.rootRank = root
+        opts.rootRank = self.physical(root)
         opts.rootTensor = 0
         self._run("broadcast", lambda: self._pg.broadcast([tensor], opts))
 
@@ -224,11 +248,13 @@ class TorchComm:
 
     def send(self, tensor: Any, dst: int, tag: int = 0) -> None:
         """See :class:`Communicator` (``tag`` tells apart messages to one peer)."""
-        self._run("send", lambda: self._pg.send([tensor], dst, tag))
+        peer = self.physical(dst)
+        self._run("send", lambda: self._pg.send([tensor], peer, tag))
 
     def recv(self, tensor: Any, src: int, tag: int = 0) -> None:
         """See :class:`Communicator` (``tag`` must match the sender's)."""
-        self._run("recv", lambda: self._pg.recv([tensor], src, tag))
+        peer = self.physical(src)
+        self._run("recv", lambda: self._pg.recv([tensor], peer, tag))
 
     def barrier(self) -> None:
         """See :class:`Communicator`."""
@@ -301,8 +327,13 @@ class TorchBackend(CommBackend):
         epoch: int = 0,
         timeout: float = 60.0,
         interrupt: threading.Event | None = None,
+        ranks: Sequence[int] | None = None,
     ) -> TorchComm:
         """Rendezvous every member in ``store``, then build the group of ``epoch``.
+
+        ``rank`` is logical; ``ranks`` lists the members' logical ranks (default
+        ``range(size)``), and the torch group's rank of each is its index in the
+        sorted list.
 
         The rendezvous is a store counter waited on in short slices, so ``interrupt``
         (set by the watchdog when a newer epoch appears) ends it at once. The group is
@@ -315,9 +346,15 @@ class TorchBackend(CommBackend):
         """
         import torch.distributed as dist
 
+        members = tuple(sorted(ranks)) if ranks is not None else tuple(range(size))
+        if len(set(members)) != size or rank not in members:
+            msg = f"torch group of epoch {epoch}: rank {rank} and size {size} do not fit the members {list(members)}"
+            raise CommError(msg)
+        phys = members.index(rank)
         ts, prefix = torch_store_of(store)
         key = _keys.arrive(epoch)
         store.set(f"{key}/size", str(size).encode())
+        store.set(f"{key}/ranks", json.dumps(list(members)).encode())
         store.add(key, 1)
         deadline = time.monotonic() + timeout
         while store.add(key, 0) < size:
@@ -344,9 +381,9 @@ class TorchBackend(CommBackend):
         def build() -> None:
             try:
                 if self.backend == "nccl":
-                    box["pg"] = dist.ProcessGroupNCCL(pg_store, rank, size, dist.ProcessGroupNCCL.Options())
+                    box["pg"] = dist.ProcessGroupNCCL(pg_store, phys, size, dist.ProcessGroupNCCL.Options())
                 else:
-                    box["pg"] = dist.ProcessGroupGloo(pg_store, rank, size, _OP_TIMEOUT)
+                    box["pg"] = dist.ProcessGroupGloo(pg_store, phys, size, _OP_TIMEOUT)
             except Exception as exc:  # reported to the caller below
                 box["err"] = exc
             finally:
@@ -363,12 +400,12 @@ class TorchBackend(CommBackend):
         if "err" in box:
             msg = f"building the {self.backend} group of epoch {epoch} failed: {box['err']}"
             raise CommError(msg) from box["err"]
-        return TorchComm(box["pg"], rank, size, epoch, self.backend)
+        return TorchComm(box["pg"], rank, size, epoch, self.backend, members)
 
     def join(self, store: Store, rank: int, *, epoch: int, timeout: float = 60.0) -> TorchComm:
         """Same as :meth:`create`: in the fallback every member rebuilds."""
-        size = int(store.get(f"{_keys.arrive(epoch)}/size", timeout))
-        return self.create(store, rank, size, epoch=epoch, timeout=timeout)
+        members = json.loads(store.get(f"{_keys.arrive(epoch)}/ranks", timeout))
+        return self.create(store, rank, len(members), epoch=epoch, timeout=timeout, ranks=members)
 
     @classmethod
     def capabilities(cls) -> dict[str, bool]:

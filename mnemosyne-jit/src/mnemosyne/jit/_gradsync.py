@@ -10,6 +10,11 @@ registration order, grouped by device and dtype, cut into buckets of at most
 
 A :class:`GradSync` holds no state across steps except its buffers, and the runtime
 makes a new one after every recovery, so nothing of an aborted reduction survives.
+
+The sum is divided by the data-parallel world size (``world_size``), not by the number
+of members: while a job is shrunk, a member's gradients hold the micro-batches of the
+missing ranks it hosts too, and the sum over members is still the sum over all data
+ranks. With every rank present the two are equal and the arithmetic is unchanged.
 """
 
 from __future__ import annotations
@@ -39,9 +44,13 @@ class GradSync:
     Args:
         params: Parameters in a fixed order (those without ``requires_grad`` are skipped).
         bucket_bytes: Largest bucket, in bytes.
+        world_size: Divisor of the summed gradients: the number of data ranks (None:
+            the communicator's size, i.e. every data rank is a member).
     """
 
-    def __init__(self, params: Sequence[torch.nn.Parameter], bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+    def __init__(self, params: Sequence[torch.nn.Parameter], bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                 world_size: int | None = None) -> None:
+        self.world_size = world_size
         self.buckets: list[_Bucket] = []
         groups: dict[tuple[torch.device, torch.dtype], list[list[torch.nn.Parameter]]] = {}
         for p in params:
@@ -61,14 +70,14 @@ class GradSync:
                 self.buckets.append(_Bucket(run, torch.empty(n, dtype=dtype, device=device)))
 
     def sync(self, comm: Communicator, between: Callable[[int], None] | None = None) -> None:
-        """All-reduce every bucket and write the average back into each ``.grad``.
+        """All-reduce every bucket and write the average (sum / world size) back into each ``.grad``.
 
         Args:
             comm: The communicator of the current epoch.
             between: Called with the bucket index before each bucket's all-reduce
                 (the runtime uses it for phase tracking and fault injection).
         """
-        size = comm.size
+        size = self.world_size if self.world_size is not None else comm.size
         for i, b in enumerate(self.buckets):
             off = 0
             for p in b.params:

@@ -8,12 +8,19 @@ Use :class:`ResumableSampler` (a DistributedSampler that can start mid-epoch) fo
 O(1) seek; any other re-iterable loader works too, by replaying the epoch's batches up
 to the position (correct, slower). The sampler must not draw from the global RNG
 (shuffling uses its own generator seeded by ``seed + epoch``).
+
+Data ranks (shrink to continue): the job's data-parallel world is always
+``MNEMOSYNE_WORLD_SIZE`` shards. While a rank is missing (a job launched with
+``--shrink`` continues without a failed rank until its replacement is ready), a present
+member also runs the missing rank's batch: :func:`assign_data_ranks` says who hosts
+whom, and :func:`loader_for_rank` derives a missing rank's loader from a member's.
 """
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Iterable, Iterator, Sized
+from collections.abc import Iterable, Iterator, Sequence, Sized
 from typing import Any
 
 import torch
@@ -22,7 +29,7 @@ from torch.utils.data import Sampler
 from mnemosyne.core.env import MNEMOSYNE_RANK, MNEMOSYNE_WORLD_SIZE, env_int
 from mnemosyne.core.errors import ConfigError
 
-__all__ = ["DataCursor", "ResumableSampler"]
+__all__ = ["DataCursor", "ResumableSampler", "assign_data_ranks", "loader_for_rank"]
 
 
 class ResumableSampler(Sampler[int]):
@@ -132,3 +139,58 @@ class DataCursor:
         self._next = step + 1
         self._cached = (step, b)
         return b
+
+
+def assign_data_ranks(world_size: int, present: Sequence[int]) -> dict[int, list[int]]:
+    """Which data ranks each present member runs: its own, then the missing ones it hosts.
+
+    The missing ranks, sorted, go round-robin over the present members, sorted:
+    ``missing[i]`` is hosted by ``present[i % len(present)]``. Every data rank
+    ``0..world_size-1`` is then run by exactly one member.
+
+    Raises:
+        ConfigError: No member is present, or a member is not a rank of the world.
+    """
+    members = sorted(set(present))
+    if not members:
+        msg = "assign_data_ranks: no member is present"
+        raise ConfigError(msg)
+    bad = [r for r in members if not 0 <= r < world_size]
+    if bad:
+        msg = f"assign_data_ranks: members {bad} are not ranks of a world of {world_size}"
+        raise ConfigError(msg)
+    out = {r: [r] for r in members}
+    missing = [r for r in range(world_size) if r not in out]
+    for i, d in enumerate(missing):
+        out[members[i % len(members)]].append(d)
+    return out
+
+
+# DataLoader arguments that a copy for another data rank keeps as they are (the sampler
+# is the only thing that changes). The _WORKER_ARGS are only valid with worker processes.
+_LOADER_ARGS = ("batch_size", "num_workers", "collate_fn", "pin_memory", "drop_last", "timeout", "worker_init_fn",
+                "generator", "pin_memory_device", "in_order")
+_WORKER_ARGS = ("prefetch_factor", "persistent_workers", "multiprocessing_context")
+
+
+def loader_for_rank(data: Any, rank: int) -> Any:
+    """The loader of data rank ``rank``, derived from ``data`` (this member's loader).
+
+    Works for a ``torch.utils.data.DataLoader`` over a :class:`ResumableSampler`: the
+    copy has the same dataset and loader settings and a copy of the sampler set to
+    ``rank``. Returns None for anything else (pass ``Job.steps(data_for_rank=...)``).
+    """
+    from torch.utils.data import DataLoader
+
+    if not isinstance(data, DataLoader) or not isinstance(data.sampler, ResumableSampler):
+        return None
+    sampler = copy.copy(data.sampler)
+    if not 0 <= rank < sampler.num_replicas:
+        msg = f"loader_for_rank: rank {rank} not in [0, {sampler.num_replicas})"
+        raise ConfigError(msg)
+    sampler.rank = rank
+    sampler.start = 0
+    kwargs = {k: getattr(data, k) for k in _LOADER_ARGS if hasattr(data, k)}
+    if data.num_workers > 0:
+        kwargs.update({k: getattr(data, k) for k in _WORKER_ARGS if hasattr(data, k)})
+    return DataLoader(data.dataset, sampler=sampler, **kwargs)

@@ -25,6 +25,14 @@ behind, and resume at the agreed step. Healthy processes never exit.
 
 An exception raised by user code inside a step is reported to the agent (store and event
 log) and the process exits with :data:`EXIT_EXCEPTION`; the agent replaces the rank.
+
+Shrink to continue (``mnemo launch --shrink``): while a failed rank has no replacement
+yet, the membership lacks it; each missing data rank is hosted by a present member
+(:func:`~mnemosyne.jit.data.assign_data_ranks`), which runs that rank's batch too, by
+gradient accumulation: iterate ``step.micro_batches()`` instead of reading
+``step.batch``. Gradients are summed over every micro-batch of every member and divided
+by the data-parallel world size, so the global batch and the average stay those of the
+full job.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +79,8 @@ from mnemosyne.jit._recovery import NO_STATE, agree, transfer, wait_key
 from mnemosyne.jit._select import backend_label, use_ccl
 from mnemosyne.jit._store import connect_job_store
 from mnemosyne.jit._watchdog import Watchdog
-from mnemosyne.jit.data import DataCursor
+from mnemosyne.jit.agent import MNEMOSYNE_SHRINK
+from mnemosyne.jit.data import DataCursor, assign_data_ranks, loader_for_rank
 from mnemosyne.jit.inject import InjectedFault, Injector, parse_plans
 
 __all__ = ["EXIT_CKPT", "EXIT_EXCEPTION", "MNEMOSYNE_RESUME", "Job", "Step", "init"]
@@ -105,15 +114,63 @@ class Step:
 
     Attributes:
         index: Step index (0-based).
-        batch: The batch of this step.
+        data_ranks: The data ranks whose batches this member runs in this step: its own
+            rank first, then the missing ranks it hosts while the job is shrunk.
     """
 
-    def __init__(self, job: Job, index: int, batch: Any) -> None:
+    def __init__(self, job: Job, index: int, batch: Any, data_ranks: list[int],
+                 batch_of: Callable[[int], Any]) -> None:
         self.job = job
         self.index = index
-        self.batch = batch
+        self._batch = batch
+        self.data_ranks = list(data_ranks)
+        self._batch_of = batch_of
+        #: Data ranks whose batch this step handed out (``step.batch`` or micro_batches()).
+        self.ran: list[int] = []
+        self._micro = False
         self.entered = False
         self.failed = False
+
+    @property
+    def batch(self) -> Any:
+        """This rank's batch of this step (a job launched with ``--shrink`` must use :meth:`micro_batches`).
+
+        Raises:
+            ConfigError: The job runs with ``mnemo launch --shrink``.
+        """
+        if self.job.shrink:
+            msg = ("this job runs with `mnemo launch --shrink`: a member may have to run a missing rank's batch "
+                   "too, so the step body must iterate `for batch in step.micro_batches(): ...` (forward and "
+                   "backward per batch, then optimizer.step() once) instead of reading `step.batch`")
+            raise ConfigError(msg)
+        if not self.ran:
+            self.ran = [self.job.rank]
+        return self._batch
+
+    def micro_batches(self) -> Iterator[Any]:
+        """Yield the batch of each data rank this member runs in this step.
+
+        Normally one item, this rank's batch. While the job is shrunk, also the batch of
+        each missing rank this member hosts; before each of those the RNGs are set to
+        the state that rank would have had (seed, rank, step), so dropout and the like
+        match the full run. Run forward and backward on each (gradients accumulate), then
+        ``optimizer.step()`` once after the loop: the runtime divides the summed
+        gradients by the data-parallel world size.
+        """
+        self._micro = True
+        for i, d in enumerate(self.data_ranks):
+            if i == 0:
+                batch = self._batch  # the RNGs already hold this rank's state for the step
+            else:
+                batch = self._batch_of(d)
+                self.job._seed_rngs(d, self.index)
+            self.ran.append(d)
+            yield batch
+
+    @property
+    def micro_batches_done(self) -> bool:
+        """Whether :meth:`micro_batches` was not used, or used to the end."""
+        return not self._micro or self.ran == self.data_ranks
 
     def __enter__(self) -> Step:
         self.entered = True
@@ -172,6 +229,13 @@ class Job:
         self.bucket_bytes = bucket_bytes
         self.log_steps = log_steps
         self.timeout = timeout
+        #: The job runs with ``mnemo launch --shrink`` (the step body must use micro_batches()).
+        self.shrink = env_str(MNEMOSYNE_SHRINK) == "1"
+        #: Data ranks this member runs per step in the current epoch: its own, then the
+        #: missing ranks it hosts while the job is shrunk.
+        self.data_ranks: list[int] = [rank]
+        #: Logical ranks present in the current epoch (fewer than ``world_size`` while shrunk).
+        self.members: list[int] = list(range(world))
         start_epoch = env_int(MNEMOSYNE_EPOCH, 0) or 0
         token = env_str(MNEMOSYNE_TOKEN)
         self.store = connect_job_store(addr, job_id, token)
@@ -239,17 +303,53 @@ class Job:
     def _set_pos(self, step: int, where: str, coll: bool = False) -> None:
         self._pos = {"step": step, "phase": where, "coll": coll, "committed": self.committed, "epoch": self.epoch}
 
-    def steps(self, data: Iterable[Any], max_steps: int) -> Iterator[Step]:
+    def steps(self, data: Iterable[Any], max_steps: int,
+              data_for_rank: Callable[[int], Iterable[Any]] | None = None) -> Iterator[Step]:
         """Yield one :class:`Step` per training step, from the recovered position to ``max_steps``.
 
         Each step must be used as ``with step:``. After a failure the iterator recovers
         and yields the step to redo (the same index, or the next one when this rank was
-        behind the donors). Returns once every rank finished ``max_steps`` steps.
+        behind the donors). Returns once every member finished ``max_steps`` steps.
+
+        Args:
+            data: This rank's loader (sized, re-iterable; see :mod:`mnemosyne.jit.data`).
+            max_steps: Number of steps of the whole training.
+            data_for_rank: Returns the loader of data rank ``d``; used while the job is
+                shrunk to run a missing rank's batches (``mnemo launch --shrink``). Not
+                needed when ``data`` is a DataLoader over a
+                :class:`~mnemosyne.jit.data.ResumableSampler` (it is derived).
 
         Raises:
-            ConfigError: A step was not entered with ``with``.
+            ConfigError: A step was not entered with ``with``; a step body left
+                ``step.micro_batches()`` before its end; or the job runs with ``--shrink``
+                and another rank's loader can be neither derived from ``data`` nor
+                obtained from ``data_for_rank``.
         """
-        cursor = DataCursor(data)
+        cursors = {self.rank: DataCursor(data)}
+        loaders: dict[int, Iterable[Any]] = {}
+
+        def loader_of(d: int) -> Iterable[Any]:
+            if d in loaders:
+                return loaders[d]
+            loader = data_for_rank(d) if data_for_rank is not None else loader_for_rank(data, d)
+            if loader is None:
+                msg = (f"Job.steps(): this member must run data rank {d}'s batches (the job continues without "
+                       "that rank), but no loader for it is known: pass a DataLoader over a ResumableSampler, "
+                       "or data_for_rank=lambda d: <the loader of data rank d>")
+                raise ConfigError(msg)
+            loaders[d] = loader
+            return loader
+
+        def batch_of(k: int) -> Callable[[int], Any]:
+            def get(d: int) -> Any:
+                if d not in cursors:
+                    cursors[d] = DataCursor(loader_of(d))
+                return cursors[d].batch(k)
+            return get
+
+        if self.shrink:
+            # Fail at the start, not at the first failure, when a shrunk epoch could not run.
+            loader_of((self.rank + 1) % self.world_size)
         while True:
             if self._needs_recovery:
                 self._recover()
@@ -258,13 +358,9 @@ class Job:
                 if self._finish():
                     return
                 continue
-            batch = cursor.batch(k)
-            if self.seed is not None:
-                s = _rng_seed(self.seed, self.rank, k)
-                torch.manual_seed(s)
-                random.seed(s)
-                np.random.seed(s % (2**32))
-            step = Step(self, k, batch)
+            batch = cursors[self.rank].batch(k)
+            self._seed_rngs(self.rank, k)
+            step = Step(self, k, batch, self.data_ranks, batch_of(k))
             self._step_start = time.perf_counter()
             yield step
             if not step.entered:
@@ -273,7 +369,20 @@ class Job:
             if step.failed:
                 self._needs_recovery = True
                 continue
-            self._commit(k)
+            if not step.micro_batches_done:
+                msg = (f"step {k}: the step body stopped iterating step.micro_batches() after data ranks "
+                       f"{step.ran} of {step.data_ranks}; every micro-batch must run before the step ends")
+                raise ConfigError(msg)
+            self._commit(k, step.ran)
+
+    def _seed_rngs(self, data_rank: int, k: int) -> None:
+        """Set torch (CPU and CUDA), numpy and Python RNGs to data rank ``data_rank``'s state at step ``k``."""
+        if self.seed is None:
+            return
+        s = _rng_seed(self.seed, data_rank, k)
+        torch.manual_seed(s)
+        random.seed(s)
+        np.random.seed(s % (2**32))
 
     def _enter_step(self, k: int) -> None:
         self._started = k
@@ -321,13 +430,13 @@ class Job:
         self._applied = self._started
         self.injector.maybe_fire(self._started, "optimizer")
 
-    def _commit(self, k: int) -> None:
+    def _commit(self, k: int, ran: list[int]) -> None:
         dt = time.perf_counter() - self._step_start
         self.committed = k
         self.next_step = k + 1
         self._set_pos(k + 1, "boundary")
         if self.log_steps:
-            self.log.emit(EventKind.STEP, "step", dt, step=k)
+            self.log.emit(EventKind.STEP, "step", dt, step=k, data_ranks=ran)
 
     # ----------------------------------------------------------------- failures
     def _on_epoch(self, epoch: int) -> None:
@@ -476,37 +585,49 @@ class Job:
         for name, obj in self.extra.items():
             obj.load_state_dict(state["extra"][name])
 
-    def _connect(self, epoch: int, size: int, first: bool) -> tuple[Any, str]:
-        """Build the communicator of membership ``epoch``; return it and how it was built.
+    def _connect(self, epoch: int, ranks: list[int], first: bool) -> tuple[Any, str]:
+        """Build the communicator of membership ``epoch`` over logical ``ranks``; return it and how.
 
-        Fallback (plain torch.distributed): every member builds a fresh group.
+        Fallback (plain torch.distributed): every member builds a fresh group over
+        ``ranks`` (torch's rank of a member: its index in the sorted list).
 
         mnemosyne-ccl: the agent names the ccl epoch ``target`` for this membership epoch.
-        A survivor whose communicator is at ``target - 1`` repairs it with ``rebuild()``
-        (one step: same logical ranks, Gloo's physical order stays sorted, so reductions
-        sum in the same order as before); a replacement process joins ``target`` with
-        ``backend.join`` once a survivor published the member list; a member whose
-        communicator is older (it missed an epoch while recovering) creates ``target``,
-        which agrees on the same member list. A newer membership epoch aborts the build
-        through the target's abort key (the agent's ``signal_abort``).
+        A survivor whose communicator is at ``target - 1`` repairs it in one step: with
+        the same logical ranks by ``rebuild()`` (Gloo's physical order stays sorted, so
+        reductions sum in the same order as before), with fewer by ``shrink(dead)`` (a
+        shrunk job), with more by ``grow(added)`` (a shrunk job growing back, the
+        newcomers ``join``). A replacement process joins ``target`` with ``backend.join``
+        once a survivor published the member list; a member whose communicator is older
+        (it missed an epoch while recovering), or whose members changed both ways,
+        creates ``target`` over ``ranks``, which agrees on the same member list. A newer
+        membership epoch aborts the build through the target's abort key (the agent's
+        ``signal_abort``).
         """
         old, self._comm = self._comm, None
+        size = len(ranks)
         if not self._ccl:
             if old is not None:
                 old.close()
             comm = self._backend.create(self.store, self.rank, size, epoch=epoch, timeout=self.timeout,
-                                        interrupt=self._interrupt)
+                                        interrupt=self._interrupt, ranks=ranks)
             return comm, "create"
         target = int(wait_key(self.store, _keys.comm_epoch(epoch), self._interrupt, self.timeout))
         if old is not None and old.epoch == target - 1:
-            return old.rebuild(), "rebuild"
+            have, want = set(old.ranks), set(ranks)
+            if have == want:
+                return old.rebuild(), "rebuild"
+            if want < have:
+                return old.shrink(sorted(have - want)), "shrink"
+            if have < want:
+                return old.grow(sorted(want - have)), "grow"
         if old is not None:
             old.close()
         if old is None and first and epoch > 0 and size > 1:
             # A replacement: wait (interruptibly) until survivors published the members.
             wait_key(self.store, f"ccl/world/e{target}/members", self._interrupt, self.timeout)
             return self._backend.join(self.store, self.rank, epoch=target, timeout=self.timeout), "join"
-        return self._backend.create(self.store, self.rank, size, epoch=target, timeout=self.timeout), "create"
+        return self._backend.create(self.store, self.rank, size, epoch=target, timeout=self.timeout,
+                                    ranks=ranks), "create"
 
     def _recover(self, first: bool = False) -> None:
         t0 = time.perf_counter()
@@ -530,7 +651,7 @@ class Job:
                 self._checkpoint_and_exit(epoch, json.loads(self.store.get(_keys.ckpt_order(epoch), self.timeout)))
             try:
                 with phase(self.log, "repair", first=first, backend=self.backend_name) as t:
-                    comm, how = self._connect(epoch, len(ranks), first)
+                    comm, how = self._connect(epoch, ranks, first)
                     t.fields.update(how=how, comm_epoch=comm.epoch)
                     with self._elock:
                         self._comm = comm
@@ -576,11 +697,16 @@ class Job:
         self._synced = -1
         self._applied = -1
         self._needs_recovery = False
-        self._gradsync = GradSync(list(self.model.parameters()), self.bucket_bytes)
+        # Divide by the data-parallel world, not by the members present: while shrunk,
+        # hosts' gradients hold several ranks' micro-batches (identical to comm.size otherwise).
+        self._gradsync = GradSync(list(self.model.parameters()), self.bucket_bytes, world_size=self.world_size)
+        self.data_ranks = assign_data_ranks(self.world_size, ranks)[self.rank]
+        self.members = list(ranks)
         self._set_pos(self.next_step, "boundary")
         redone = max(0, self._started - plan.resume_step + 1) if self._started >= 0 else 0
         self.log.emit(EventKind.RECOVERED, "start" if first else "recovered", time.perf_counter() - t0,
                       resume_step=plan.resume_step, started=self._started, steps_redone=redone,
+                      members=ranks, data_ranks=self.data_ranks,
                       role="receiver" if self.rank in plan.receivers else "donor",
                       max_started=max(plan.started.values(), default=-1))
         self._started = -1
@@ -594,11 +720,16 @@ class Job:
         return True
 
     def _finish(self) -> bool:
-        """Wait until every rank finished; False if a recovery is needed first."""
+        """Wait until every member of the current epoch finished; False if a recovery is needed first.
+
+        A shrunk job waits for the members present only; a grow epoch published while
+        waiting interrupts the wait, and the recovery hands the final state to the newcomer.
+        """
         self._set_pos(self.next_step, "finish", coll=True)
         self.store.set(_keys.done(self.rank), str(self.epoch).encode())
         try:
-            for r in range(self.world_size):
+            members = Membership.from_json(self.store.get(_keys.membership(self.epoch), self.timeout))
+            for r in members.ranks:
                 wait_key(self.store, _keys.done(r), self._interrupt, 24 * 3600.0)
         except CommError:
             self._needs_recovery = True

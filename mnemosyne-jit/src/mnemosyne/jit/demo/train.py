@@ -44,6 +44,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--step-sleep", type=float, default=0.0, help="extra seconds per step (slows the demo down)")
     p.add_argument("--log-steps", action="store_true", help="write a step event per step")
     p.add_argument("--out", default=None, help="folder for start markers and final state")
+    p.add_argument("--shrunk-step-sleep", type=float, default=0.0,
+                   help="extra seconds per step while the job runs without a rank (--shrink; gives the "
+                        "replacement time to warm up in tests)")
+    p.add_argument("--step-batch", action="store_true",
+                   help="read step.batch instead of iterating step.micro_batches() (refused under --shrink)")
     return p.parse_args(argv)
 
 
@@ -90,14 +95,21 @@ def main(argv: list[str] | None = None) -> None:
     loader = DataLoader(data, batch_size=args.batch, sampler=sampler, drop_last=True)
     for step in job.steps(loader, max_steps=args.steps):
         with step:
-            x, y = (t.to(device) for t in step.batch)
-            loss = model(x, y)
-            loss.backward()
+            # Normally one batch, this rank's; while a --shrink job runs without a failed
+            # rank, also the batches of the missing ranks this rank hosts. (--step-batch:
+            # the plain loop, refused by a --shrink job.)
+            batches = [step.batch] if args.step_batch else step.micro_batches()
+            for batch in batches:
+                x, y = (t.to(device) for t in batch)
+                loss = model(x, y)
+                loss.backward()
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             if args.step_sleep:
                 time.sleep(args.step_sleep)
+            if args.shrunk_step_sleep and len(job.members) < job.world_size:
+                time.sleep(args.shrunk_step_sleep)
     if out is not None:
         final = {"model": model.state_dict(), "optim": opt.state_dict(), "sched": sched.state_dict(),
                  "pid": os.getpid(), "committed": job.committed, "recoveries": job.recoveries}
