@@ -52,9 +52,12 @@ def main() -> None:
     # iterator recovers and hands out the step to redo.
     for step in job.steps(loader, max_steps=args.steps):
         with step:
-            xb, yb = (t.to(device) for t in step.batch)
-            loss = nn.functional.mse_loss(model(xb), yb)
-            loss.backward()
+            # One batch normally; with `mnemo launch --shrink`, a survivor also runs the
+            # batches of a missing replica here (gradient accumulation keeps the global batch).
+            for batch in step.micro_batches():
+                xb, yb = (t.to(device) for t in batch)
+                loss = nn.functional.mse_loss(model(xb), yb)
+                loss.backward()
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

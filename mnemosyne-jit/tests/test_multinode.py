@@ -13,11 +13,12 @@ import sys
 import time
 
 import pytest
+import torch
 
 from mnemosyne.core.errors import ConfigError
 from mnemosyne.core.events import EventKind, read_events
 from mnemosyne.jit.agent import Agent, AgentConfig, read_token_file
-from mnemosyne.jit.testing import TINY, compare_final_states, launch, started_pids
+from mnemosyne.jit.testing import TINY, compare_final_states, flatten_state, launch, started_pids
 
 pytestmark = pytest.mark.slow
 
@@ -148,3 +149,48 @@ def test_multinode_config_errors_name_what_is_missing(tmp_path, monkeypatch):
     (tmp_path / "empty").chmod(0o600)
     with pytest.raises(ConfigError, match="empty"):
         read_token_file(str(tmp_path / "empty"))
+
+
+@pytest.mark.timeout(170)
+def test_loss_of_a_node_without_spares_shrinks_then_grows_back(tmp_path):
+    """No spares anywhere, --shrink: the job goes on with node 0's two ranks (each also
+    running one lost rank's batches), node 0 warms two spares, and the job grows back."""
+    port = _free_port()
+    args = ["--step-sleep", "0.2", "--shrunk-step-sleep", "0.8", "--log-steps"]
+    procs = {n: _start_node(tmp_path, n, port, "mn-shrink", spares=0, extra=["--shrink"], train_args=args)
+             for n in (0, 1)}
+    log = tmp_path / "events.jsonl"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        evs = read_events(log, strict=False) if log.exists() else []
+        if any(e.kind == EventKind.STEP and e.rank == 3 and e.fields["step"] >= 1 for e in evs):
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("training did not reach step 1")
+    os.kill(procs[1].pid, signal.SIGKILL)
+    codes, logs = _wait(procs, tmp_path, 140)
+    assert codes[0] == 0, logs
+    events = read_events(log, strict=False)
+    agent = [(e.name, e.fields.get("target_ranks")) for e in events if e.rank == -1
+             and e.name in ("node_lost", "shrink", "grow")]
+    assert agent[:2] == [("node_lost", None), ("shrink", [2, 3])], agent
+    grown = [r for name, ranks in agent[2:] if name == "grow" for r in ranks]
+    assert sorted(grown) == [2, 3] and all(name == "grow" for name, _ in agent[2:]), agent  # as spares got ready
+    shrink = next(e for e in events if e.name == "shrink")
+    shrunk = {}
+    for e in events:
+        if e.kind == EventKind.STEP and e.epoch == shrink.epoch:
+            shrunk.setdefault(e.fields["step"], []).append(tuple(e.fields["data_ranks"]))
+    complete = [k for k, v in shrunk.items() if len(v) == 2]
+    assert complete, "no step completed while shrunk"
+    for k in complete:  # the global batch stays 4 micro-batches: each survivor runs a lost rank's too
+        assert sorted(shrunk[k]) == [(0, 2), (1, 3)], (k, shrunk[k])
+    assigned = sorted((e.fields["target_rank"], e.fields["node"]) for e in events if e.name == "assigned")
+    assert assigned == [(2, 0), (3, 0)]  # node 0's freshly warmed spares took them back
+    finals = [torch.load(tmp_path / f"final-rank{r}.pt", weights_only=False) for r in range(4)]
+    assert {f["committed"] for f in finals} == {STEPS - 1}
+    for r in range(1, 4):  # replicas agree bit for bit after the grow-back transfer
+        for key in ("model", "optim"):
+            a, b = flatten_state(finals[0][key]), flatten_state(finals[r][key])
+            assert all(torch.equal(a[p], b[p]) if isinstance(a[p], torch.Tensor) else a[p] == b[p] for p in a)

@@ -279,8 +279,12 @@ def test_shrink_then_grow_back_on_the_fallback_backend(tmp_path, reference):
 @pytest.mark.timeout(90)
 def test_shrink_job_reading_step_batch_fails_fast(tmp_path):
     run = launch(tmp_path, nproc=2, spares=0, steps=4, train_args=[*TINY, "--step-batch"],
-                 launch_args=["--shrink", "--max-restarts", "0"], timeout=80)
+                 launch_args=["--shrink"], timeout=80)
     assert run.returncode == 1, run.output[-3000:]
+    # A usage error is not retried: the first one ends the job (no shrink, no replacement).
+    gave_up = [e.fields["why"] for e in run.events if e.name == "gave_up"]
+    assert len(gave_up) == 1 and "usage error" in gave_up[0], gave_up
+    assert not [e for e in run.events if e.name in ("shrink", "assigned")]
     assert "must iterate `for batch in step.micro_batches()" in run.output, run.output[-3000:]
     errors = [e for e in run.events if e.kind == EventKind.DETECT and e.rank >= 0]
     assert errors and all("ConfigError" in e.fields["error"] and e.fields["step"] == 0 for e in errors), errors

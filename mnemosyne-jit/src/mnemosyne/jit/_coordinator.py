@@ -161,6 +161,13 @@ class Coordinator:
         if not fresh or a.ckpt_order is not None:
             return
         names = ", ".join(f"rank {r} {f.cause}" for r, f in sorted(fresh.items()))
+        usage = [f for f in fresh.values() if f.detail.get("type") == "ConfigError"]
+        if usage:
+            # A usage error (bad script for the options given) recurs in every replacement.
+            f = usage[0]
+            a.failed_reason = (f"rank {f.rank} stopped on a usage error, which a replacement would repeat: "
+                               f"{f.detail.get('error')}")
+            return
         self.nodes[a.node].ready = len(a.ready_spares())
         self.restarts += len(fresh)
         cfg = a.config
@@ -224,7 +231,7 @@ class Coordinator:
         """Give absent ranks back to ready spares, all in one epoch."""
         a = self.agent
         absent = [r for r in range(a.world_size) if r not in a.membership.members]
-        if not absent or a.all_done():
+        if not absent or a.all_done() or self._finishing():
             return
         ready = {n: st.ready for n, st in self.nodes.items() if st.alive}
         place: dict[int, tuple[int, int]] = {}
@@ -241,6 +248,16 @@ class Coordinator:
         self._publish(nxt, place, f"replacement ready: grow back to {nxt.size} replicas")
         a.emit(EventKind.INFO, "grow", target_ranks=ranks, members=list(nxt.ranks), world_size=a.world_size)
         logger.warning("replacement ready: ranks %s rejoin (%d of %d replicas)", ranks, nxt.size, a.world_size)
+
+    def _finishing(self) -> bool:
+        """Whether a member already reached the end of training (growing now could strand the newcomer)."""
+        store = self.agent.store
+        assert store is not None
+        for r in self.agent.membership.ranks:
+            key = _keys.heartbeat(r)
+            if store.check([key]) and json.loads(store.get(key, 5.0)).get("phase") in ("finish", "closed"):
+                return True
+        return False
 
     def _order_checkpoint(self, failed: list[int], why: str) -> None:
         """Publish the "checkpoint and exit" decision: a new epoch whose order key lists the survivors."""

@@ -552,7 +552,8 @@ class Agent:
         key = _keys.report(st.rank, pid)
         if self.store.check([key]):
             report = json.loads(self.store.get(key))
-            detail.update(step=report.get("step"), phase=report.get("phase"), error=report.get("message"))
+            detail.update(step=report.get("step"), phase=report.get("phase"), error=report.get("message"),
+                          type=report.get("type"))
             return "exception", detail
         if rc < 0:
             name = signal.Signals(-rc).name
