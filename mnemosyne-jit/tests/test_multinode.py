@@ -156,7 +156,8 @@ def test_loss_of_a_node_without_spares_shrinks_then_grows_back(tmp_path):
     """No spares anywhere, --shrink: the job goes on with node 0's two ranks (each also
     running one lost rank's batches), node 0 warms two spares, and the job grows back."""
     port = _free_port()
-    args = ["--step-sleep", "0.2", "--shrunk-step-sleep", "0.8", "--log-steps"]
+    steps = 14
+    args = ["--steps", str(steps), "--step-sleep", "0.2", "--shrunk-step-sleep", "0.8", "--log-steps"]
     procs = {n: _start_node(tmp_path, n, port, "mn-shrink", spares=0, extra=["--shrink"], train_args=args)
              for n in (0, 1)}
     log = tmp_path / "events.jsonl"
@@ -175,8 +176,10 @@ def test_loss_of_a_node_without_spares_shrinks_then_grows_back(tmp_path):
     agent = [(e.name, e.fields.get("target_ranks")) for e in events if e.rank == -1
              and e.name in ("node_lost", "shrink", "grow")]
     assert agent[:2] == [("node_lost", None), ("shrink", [2, 3])], agent
-    grown = [r for name, ranks in agent[2:] if name == "grow" for r in ranks]
-    assert sorted(grown) == [2, 3] and all(name == "grow" for name, _ in agent[2:]), agent  # as spares got ready
+    # Normally one grow (the first ready spare waits up to GROW_WAIT for the other); two
+    # when the second spare warmed up more than that later (a loaded machine).
+    grows = agent[2:]
+    assert all(n == "grow" for n, _ in grows) and sorted(r for _, rs in grows for r in rs) == [2, 3], agent
     shrink = next(e for e in events if e.name == "shrink")
     shrunk = {}
     for e in events:
@@ -189,7 +192,7 @@ def test_loss_of_a_node_without_spares_shrinks_then_grows_back(tmp_path):
     assigned = sorted((e.fields["target_rank"], e.fields["node"]) for e in events if e.name == "assigned")
     assert assigned == [(2, 0), (3, 0)]  # node 0's freshly warmed spares took them back
     finals = [torch.load(tmp_path / f"final-rank{r}.pt", weights_only=False) for r in range(4)]
-    assert {f["committed"] for f in finals} == {STEPS - 1}
+    assert {f["committed"] for f in finals} == {steps - 1}
     for r in range(1, 4):  # replicas agree bit for bit after the grow-back transfer
         for key in ("model", "optim"):
             a, b = flatten_state(finals[0][key]), flatten_state(finals[r][key])

@@ -36,12 +36,14 @@ from mnemosyne.jit import _keys
 if TYPE_CHECKING:
     from mnemosyne.jit.agent import Agent
 
-__all__ = ["DEFAULT_CKPT_DIR", "Coordinator", "Failure"]
+__all__ = ["DEFAULT_CKPT_DIR", "GROW_WAIT", "Coordinator", "Failure"]
 
 logger = logging.getLogger(__name__)
 
 #: Checkpoint root when ``--no-replace`` is given without ``--ckpt-dir``.
 DEFAULT_CKPT_DIR = "mnemo-ckpts"
+#: Seconds a ready spare waits for other warming spares so that several absent ranks grow back in one epoch.
+GROW_WAIT = 3.0
 
 
 @dataclass
@@ -61,6 +63,7 @@ class _Node:
     seq: int = -1
     changed: float = 0.0
     ready: int = 0
+    live: int = 0  # spares alive, ready or still warming up
     seen: bool = False
     lost: bool = False
     exited: dict[str, Any] | None = None
@@ -87,6 +90,7 @@ class Coordinator:
         self._reports_read = 0
         self._rebuilds_seen = 0
         self._foreign: dict[int, int] = {}  # node -> ranks placed there from other nodes
+        self._grow_ready_at: float | None = None  # when a spare first stood ready for an absent rank
         self.started = time.monotonic()
 
     # ------------------------------------------------------------------ inputs
@@ -108,7 +112,7 @@ class Coordinator:
         if failures:
             self.fail(failures)
         if self.agent.ckpt_order is None and self.agent.config.shrink:
-            self._maybe_grow()
+            self._maybe_grow(now)
         requests = store.add(_keys.REBUILD_REQUEST, 0)
         if requests > self._rebuilds_seen and self.agent.ckpt_order is None:
             self._rebuilds_seen = requests
@@ -123,6 +127,7 @@ class Coordinator:
         for st in self.nodes.values():
             if st.node == self.agent.node:
                 st.ready = len(self.agent.ready_spares())
+                st.live = len([s for s in self.agent.spares if s.proc.poll() is None])
                 st.seen = True
                 continue
             if st.lost or st.exited is not None:
@@ -134,7 +139,7 @@ class Coordinator:
                 body = json.loads(store.get(_keys.agent_status(st.node), 5.0))
                 if int(body["seq"]) != st.seq:
                     st.seq, st.changed, st.seen = int(body["seq"]), now, True
-                    st.ready = int(body["ready"])
+                    st.ready, st.live = int(body["ready"]), int(body.get("live", body["ready"]))
             limit = cfg.node_timeout if st.seen else cfg.startup_timeout
             since = st.changed if st.seen else self.started
             if now - since > limit:
@@ -227,12 +232,30 @@ class Coordinator:
         self._foreign[node] = k + 1
         return self.agent.config.nproc + k
 
-    def _maybe_grow(self) -> None:
-        """Give absent ranks back to ready spares, all in one epoch."""
+    def _maybe_grow(self, now: float) -> None:
+        """Give absent ranks back to ready spares, all in one epoch.
+
+        Every membership change aborts the step in progress, so when several ranks are
+        absent and more spares are still warming up, the first ready spare waits up to
+        :data:`GROW_WAIT` seconds for the others: one grow instead of several.
+        """
         a = self.agent
         absent = [r for r in range(a.world_size) if r not in a.membership.members]
-        if not absent or a.all_done() or self._finishing():
+        if not absent:
+            self._grow_ready_at = None
             return
+        if a.all_done() or self._finishing():
+            return
+        alive = [st for st in self.nodes.values() if st.alive]
+        n_ready, n_live = sum(st.ready for st in alive), sum(max(st.live, st.ready) for st in alive)
+        if n_ready == 0:
+            self._grow_ready_at = None
+            return
+        if self._grow_ready_at is None:
+            self._grow_ready_at = now
+        if n_ready < len(absent) and n_live > n_ready and now - self._grow_ready_at < GROW_WAIT:
+            return
+        self._grow_ready_at = None
         ready = {n: st.ready for n, st in self.nodes.items() if st.alive}
         place: dict[int, tuple[int, int]] = {}
         for r in absent:

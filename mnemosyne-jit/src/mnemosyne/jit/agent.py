@@ -773,6 +773,7 @@ class Agent:
         if self.coordinator_node:
             return  # the coordinator reads its own node directly
         body = {"seq": self._status_seq, "ready": len(self.ready_spares()), "t": time.time(),
+                "live": len([s for s in self.spares if s.proc.poll() is None]),
                 "ranks": sorted(self.local)}
         self.store.set(_keys.agent_status(self.node), json.dumps(body).encode())
 
