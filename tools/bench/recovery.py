@@ -15,9 +15,11 @@ this same invocation.
 
 Usage: python tools/bench/recovery.py [--nproc 4] [--steps 60] [--ckpt-every 20]
        [--kill-step 30] [--kill-rank 2] [--kill-phase forward|allreduce|optimizer]
-       [--model demo|1b] [--spares 1,0] [--jit-backend auto|ccl|torch] [--json OUT]
-``--spares 1,0`` runs Mnemosyne once with a pre-warmed spare and once without (the
-replacement then starts cold); the speedup is taken from the first. ``--model 1b`` is a
+       [--model demo|1b] [--spares 1,0,shrink] [--jit-backend auto|ccl|torch] [--json OUT]
+``--spares 1,0,shrink`` runs Mnemosyne with a pre-warmed spare, without (the replacement
+then starts cold), and without but with ``--shrink`` (the job continues with fewer
+replicas at once and grows back when the cold replacement is ready); the speedup is
+taken from the first. ``--model 1b`` is a
 1.2-billion-parameter GPT (24 layers, width 2048) for the GPU machines; on GPUs (one per
 rank) both runs use NCCL. Last line: ``recovery_speedup: <baseline lost time / Mnemosyne's>``.
 """
@@ -55,12 +57,15 @@ MODELS = {
 }
 
 
-def run_mnemosyne(work: Path, a: argparse.Namespace, spares: int) -> dict:
+def run_mnemosyne(work: Path, a: argparse.Namespace, case: str) -> dict:
+    """One Mnemosyne run: ``case`` is a spare count, or ``shrink`` (no spare, ``--shrink``)."""
     t0 = time.perf_counter()
+    shrink = case == "shrink"
+    spares = 0 if shrink else int(case)
     plan = f"rank={a.kill_rank},step={a.kill_step},kind=kill,phase={a.kill_phase}"
     env = {"MNEMOSYNE_JIT_BACKEND": a.jit_backend} if a.jit_backend != "auto" else None
-    run = launch(work / f"mnemosyne-spares{spares}", nproc=a.nproc, spares=spares, steps=a.steps, inject=plan,
-                 train_args=MODELS[a.model], timeout=a.timeout, env=env)
+    run = launch(work / f"mnemosyne-{case}", nproc=a.nproc, spares=spares, steps=a.steps, inject=plan,
+                 train_args=MODELS[a.model], timeout=a.timeout, env=env, launch_args=["--shrink"] if shrink else ())
     wall = time.perf_counter() - t0
     if run.returncode != 0:
         sys.exit(f"mnemosyne run failed ({run.returncode}):\n{run.output[-3000:]}")
@@ -72,7 +77,21 @@ def run_mnemosyne(work: Path, a: argparse.Namespace, spares: int) -> dict:
             "step_median_s": statistics.median(steps), "wall_s": wall,
             "bytes_transferred": inc.bytes_transferred, "donors": inc.donors,
             "backend": ",".join(sorted({str(e.fields.get("backend")) for e in ev if e.name == "trainer_start"})),
-            "spares": spares}
+            "spares": spares, "shrink": shrink, **_grow_back(ev)}
+
+
+def _grow_back(ev: list) -> dict:
+    """For a --shrink run: how long the job ran shrunk, and what the grow-back cost (its aborted step)."""
+    shrink = [e for e in ev if e.name == "shrink"]
+    grow = [e for e in ev if e.name == "grow"]
+    if not shrink:
+        return {}
+    out = {"grew_back": bool(grow)}
+    if grow:
+        back = [e.ts for e in ev if e.kind == EventKind.RECOVERED and e.epoch == grow[0].epoch]
+        out["shrunk_s"] = grow[0].ts - shrink[0].ts
+        out["grow_pause_s"] = (max(back) - grow[0].ts) if back else None
+    return out
 
 
 def run_baseline(work: Path, a: argparse.Namespace) -> dict:
@@ -128,14 +147,19 @@ def main() -> None:
     p.add_argument("--kill-phase", choices=["forward", "allreduce", "optimizer"], default="forward",
                    help="where in the step the rank dies (the baseline always dies at the step's start)")
     p.add_argument("--model", choices=sorted(MODELS), default="demo")
-    p.add_argument("--spares", default="1", help="comma-separated spare counts, one Mnemosyne run each (e.g. 1,0)")
+    p.add_argument("--spares", default="1",
+                   help="comma-separated Mnemosyne runs: a spare count each, or 'shrink' (no spare, --shrink); "
+                        "e.g. 1,0,shrink")
     p.add_argument("--jit-backend", choices=["auto", "ccl", "torch"], default="auto",
                    help="mnemosyne's store/communicator: auto (mnemosyne-ccl when installed) or forced")
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="mnemo-bench-"))
     import torch
 
-    spare_cases = [int(x) for x in a.spares.split(",")]
+    spare_cases = [x.strip() for x in a.spares.split(",")]
+    bad = [x for x in spare_cases if x != "shrink" and not x.isdigit()]
+    if bad:
+        p.error(f"--spares: {bad} are neither spare counts nor 'shrink'")
     gpu = "no GPU"
     if torch.cuda.is_available():
         gpu = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}, NCCL {torch.cuda.nccl.version()}"
@@ -151,12 +175,19 @@ def main() -> None:
         print(f"  {k:<42}{v:>10.3f}")
     print(f"  {'total lost time':<42}{base['lost_s']:>10.3f}   ({base['steps_redone']} steps redone)")
     for run in runs:
-        label = f"mnemosyne (in place, {run['spares']} warm spare{'s' if run['spares'] != 1 else ''}, {run['backend']})"
+        plural = "s" if run["spares"] != 1 else ""
+        label = (f"mnemosyne (shrink, no spare, {run['backend']})" if run["shrink"] else
+                 f"mnemosyne (in place, {run['spares']} warm spare{plural}, {run['backend']})")
         print(f"\n{label:<44}{'seconds':>10}")
         for k, v in run["phases_s"].items():
             print(f"  {k:<42}{v:>10.3f}")
         print(f"  {'total lost time':<42}{run['lost_s']:>10.3f}   ({run['steps_redone']} step redone, "
               f"{run['bytes_transferred'] / 1e6:.2f} MB from {run['donors']} donors)")
+        if run["shrink"] and not run.get("grew_back"):
+            print("  (ran shrunk to the end: the cold replacement was not ready before the last step)")
+        if run.get("grew_back"):
+            print(f"  {'ran shrunk, then grew back (pause)':<42}{run['shrunk_s']:>10.3f}   "
+                  f"({(run['grow_pause_s'] or 0) * 1000:.0f} ms pause at the grow)")
     overhead = mnemo["step_median_s"] / base["step_median_s"]
     speedup = base["lost_s"] / mnemo["lost_s"]
     print(f"\nsteady-state step time: plain DDP {base['step_median_s'] * 1000:.2f} ms, "
