@@ -6,12 +6,17 @@ light state; one whose arena is torn receives everything. Either way the final s
 bit for bit the fault-free run's, which runs without any proxy.
 """
 
+import os
+import signal
+import threading
+import time
+
 import pytest
 import torch
 
-from mnemosyne.core.events import EventKind
+from mnemosyne.core.events import EventKind, read_events
 from mnemosyne.jit.inject import parse_plans
-from mnemosyne.jit.testing import compare_final_states, launch
+from mnemosyne.jit.testing import TINY, compare_final_states, launch
 
 pytestmark = pytest.mark.slow
 
@@ -99,6 +104,44 @@ def test_kill_inside_the_update_receives_everything(tmp_path, reference):
                and e.fields["role"] == "donor")
     assert first.fields["bytes"] == full > 10_000
     _assert_reattached(second)
+
+
+@pytest.mark.timeout(150)
+def test_proxy_death_is_reported_restarted_and_its_trainer_replaced(tmp_path, reference):
+    """SIGKILL of local rank 2's proxy: proxy_exit, a new proxy, rank 2 dies at its next marker, full transfer."""
+    result = {}
+    train = [*TINY, "--step-sleep", "0.3", "--log-steps"]
+    job = threading.Thread(target=lambda: result.update(run=launch(tmp_path, steps=STEPS, train_args=train,
+                                                                   launch_args=PROXY, timeout=130)))
+    job.start()
+    log = tmp_path / "events.jsonl"
+    killed = None
+    deadline = time.monotonic() + 100
+    while killed is None and time.monotonic() < deadline and job.is_alive():
+        ev = read_events(log, strict=False) if log.exists() else []
+        if any(e.name == "step" and e.fields["step"] >= 2 for e in ev):
+            (px,) = [e for e in ev if e.name == "proxy_start" and e.fields["local_rank"] == 2]
+            os.kill(px.fields["pid"], signal.SIGKILL)
+            killed = px.fields["pid"]
+        time.sleep(0.05)
+    job.join(timeout=140)
+    assert killed is not None and "run" in result
+    run = result["run"]
+    assert run.returncode == 0, run.output[-4000:]
+    assert not compare_final_states(reference.out, run.out, 4)
+    (gone,) = [e for e in run.events if e.name == "proxy_exit"]
+    assert (gone.fields["local_rank"], gone.fields["pid"], gone.fields["returncode"]) == (2, killed, -9)
+    assert [e.fields["generation"] for e in run.events if e.name == "proxy_start" and e.fields["local_rank"] == 2] \
+        == [1, 2]
+    (died,) = [e for e in run.events if e.kind == EventKind.DETECT and e.rank == -1]
+    assert died.name == "exception" and died.fields["target_rank"] == 2
+    assert "device proxy" in died.fields["error"] and "is gone" in died.fields["error"], died.fields
+    (start,) = [e for e in run.events if e.name == "trainer_start" and e.rank == 2 and e.fields["start_epoch"] > 0]
+    assert start.fields["arena"] == "torn"
+    (xfer,) = _transfers(run, 2)
+    assert xfer.fields["role"] == "receiver" and xfer.fields["kept_bytes"] == 0
+    pids = run.pids()
+    assert all(len(pids[r]) == 1 for r in (0, 1, 3)), pids
 
 
 @pytest.mark.gpu

@@ -589,7 +589,7 @@ class Job:
         try:
             with phase(self.log, "agree", ckpt=True) as t:
                 plan = agree(self.store, epoch, self.rank, ranks, committed, self._started, self._interrupt,
-                             self.timeout)
+                             self.timeout, reattached=self._reattached)
                 t.fields.update(top=plan.top, donors=plan.donors, receivers=plan.receivers)
             if plan.top >= 0 and self.rank in plan.donors:
                 path = Path(order["dir"]) / ckpt.checkpoint_name(plan.top)
