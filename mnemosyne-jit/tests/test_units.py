@@ -221,3 +221,32 @@ def test_backend_selection_env(monkeypatch):
         use_ccl()
     assert backend_label(True, "cpu") == "ccl-gloo"
     assert backend_label(False, "cuda") == "torch-nccl"
+
+
+def test_agreement_never_takes_a_reattached_rank_as_donor():
+    """Re-attached ranks (mnemo launch --proxy) hold heavy state only: partial receivers at the top, else full."""
+    import json
+
+    from mnemosyne.core.errors import RecoveryError
+    from mnemosyne.jit import _keys
+    from mnemosyne.jit._recovery import NO_STATE, agree
+
+    store = host_store()
+    ev = threading.Event()
+
+    def plan(epoch, others, mine, reattached=False):
+        for r, (c, att) in others.items():
+            body = {"committed": c, "started": -1, "reattached": att}
+            store.set(_keys.committed(epoch, r), json.dumps(body).encode())
+        return agree(store, epoch, 0, [0, *others], mine, -1, ev, 5, reattached=reattached)
+
+    p = plan(1, {1: (5, True), 2: (NO_STATE, False), 3: (5, False)}, 5)
+    assert (p.top, p.donors, p.receivers, p.partial) == (5, [0, 3], [1, 2], [1])
+    # Arena ahead of every full holder (died after its commit marker, peers torn): a full receiver.
+    p = plan(2, {1: (6, True), 2: (5, False), 3: (5, False)}, 5)
+    assert (p.top, p.donors, p.receivers, p.partial) == (5, [0, 2, 3], [1], [])
+    # First rendezvous: the lowest rank that is not re-attached donates.
+    p = plan(3, {1: (NO_STATE, False), 2: (NO_STATE, False), 3: (NO_STATE, False)}, 3, reattached=True)
+    assert (p.top, p.donors, p.receivers, p.partial) == (-1, [1], [0, 2, 3], [])
+    with pytest.raises(RecoveryError, match=r"every member .* re-attached"):
+        plan(4, {1: (4, True), 2: (4, True), 3: (4, True)}, 4, reattached=True)

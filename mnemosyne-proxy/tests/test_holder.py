@@ -143,3 +143,42 @@ def test_adopt_leaves_gradients_to_torch_by_default(pair):
     assert m.weight.grad is None  # torch's default set_to_none=True is left alone
     assert m.weight.data_ptr() == h.tensor("model/weight").data_ptr()
     h.close()
+
+
+def test_store_state_puts_loaded_state_back_into_the_arena_and_commits(pair):
+    """After optimizer.load_state_dict (which replaces the state tensors) the arena holds the loaded values."""
+    from mnemosyne.proxy import store_state
+
+    a, _ = pair
+    m, opt = _model()
+    h = ProxyStateHolder(a.socket, token="t", job="job")
+    adopt(m, opt, h, init_step=-1)
+    # The state to load: another replica's, two steps further.
+    src, src_opt = _model()
+    for _ in range(2):
+        src(torch.ones(2, 8)).sum().backward()
+        src_opt.step()
+    want_model = {k: v.clone() for k, v in src.state_dict().items()}
+    want_buf = src_opt.state[src.weight]["momentum_buffer"].clone()
+
+    def load():
+        m.load_state_dict(want_model)  # in place, into the arena
+        opt.load_state_dict(src_opt.state_dict())  # new state tensors, outside the arena
+
+    assert opt.state[m.weight]["momentum_buffer"].data_ptr() == h.tensor("optim/weight/momentum_buffer").data_ptr()
+    copied = store_state(m, opt, h, 7, load)
+    # Only the momentum buffers were copied: load_state_dict wrote the parameters in place.
+    assert copied == (m.weight.numel() + m.bias.numel()) * 4
+    assert h.status() == (CommitStatus.COMMITTED, 7, "")
+    arena_buf = h.tensor("optim/weight/momentum_buffer")
+    assert opt.state[m.weight]["momentum_buffer"] is arena_buf and torch.equal(arena_buf, want_buf)
+    assert m.weight.data_ptr() == h.tensor("model/weight").data_ptr()
+    h.close(unmap=False)
+    # A new trainer re-attaches to exactly the loaded state.
+    m2, opt2 = _model()
+    h2 = ProxyStateHolder(a.socket, token="t", job="job")
+    res = adopt(m2, opt2, h2)
+    assert (res.status, res.step, res.resumed) == (CommitStatus.COMMITTED, 7, True)
+    assert torch.equal(m2.weight, want_model["weight"]) and torch.equal(m2.bias, want_model["bias"])
+    assert torch.equal(opt2.state[m2.weight]["momentum_buffer"], want_buf)
+    h2.close(unmap=False)

@@ -59,6 +59,7 @@ def _wait_assignment(spare_id: int) -> None:
         MNEMOSYNE_EPOCH,
         MNEMOSYNE_JOB_ID,
         MNEMOSYNE_LOCAL_RANK,
+        MNEMOSYNE_PROXY_SOCKET,
         MNEMOSYNE_RANK,
         MNEMOSYNE_SPARE,
         MNEMOSYNE_STORE_ADDR,
@@ -85,6 +86,8 @@ def _wait_assignment(spare_id: int) -> None:
     os.environ[MNEMOSYNE_LOCAL_RANK] = str(body["local_rank"])
     os.environ[MNEMOSYNE_EPOCH] = str(body["epoch"])
     os.environ[MNEMOSYNE_WORLD_SIZE] = str(body["world_size"])
+    if body.get("proxy_socket"):  # mnemo launch --proxy: the device proxy of the assigned slot
+        os.environ[MNEMOSYNE_PROXY_SOCKET] = str(body["proxy_socket"])
     os.environ.pop(MNEMOSYNE_SPARE, None)
 
 

@@ -115,6 +115,11 @@ def xfer_meta(epoch: int) -> str:
     return f"e{epoch}/xfer/meta"
 
 
+def xfer_need(epoch: int, rank: int) -> str:
+    """Tensor indices a re-attached receiver needs in the transfer of ``epoch`` (JSON; null: all)."""
+    return f"e{epoch}/xfer/need/{rank}"
+
+
 def inject_plan(index: int) -> str:
     """The ``index``-th fault plan written by ``mnemo inject``."""
     return f"inject/plan/{index}"

@@ -10,6 +10,15 @@ parameters), so that every run starts from one state whatever the seeding.
 Transfer: the first donor publishes the state's skeleton and tensor layout in the store;
 every donor sends its stripe (see :mod:`mnemosyne.jit._state`) to every receiver over
 the new communicator.
+
+Device proxy (``mnemo launch --proxy``): a replacement that re-attached to its arena at
+step ``s`` publishes ``committed = s`` with ``reattached``: it holds the model and optimizer
+state of step ``s`` but not the light state (optimizer hyper-parameters, scheduler,
+buffers, ``extra``). It is never a donor. When ``s`` is the top step it is a *partial*
+receiver: it lays the donor's skeleton over its own flattened state (the same
+deterministic order), publishes the indices of the tensors that are not in its arena,
+and donors send it only those. Anything that does not line up makes it ask for
+everything (a full receive).
 """
 
 from __future__ import annotations
@@ -52,12 +61,15 @@ class Agreement:
         donors: Ranks that hold step ``top``'s state, sorted.
         receivers: Ranks that must receive it, sorted.
         started: Per rank, the step it was running when it was interrupted (-1: none).
+        partial: Receivers that re-attached to a device proxy holding step ``top``'s
+            model and optimizer state: they receive only what their arena lacks.
     """
 
     top: int
     donors: list[int]
     receivers: list[int]
     started: dict[int, int] = field(default_factory=dict)
+    partial: list[int] = field(default_factory=list)
 
     @property
     def resume_step(self) -> int:
@@ -91,29 +103,94 @@ def wait_key(store: Store, key: str, interrupt: threading.Event, timeout: float)
 
 
 def agree(store: Store, epoch: int, rank: int, ranks: list[int], committed: int, started: int,
-          interrupt: threading.Event, timeout: float) -> Agreement:
-    """Publish this rank's position and compute donors and receivers from everyone's."""
-    me = {"committed": committed, "started": started}
+          interrupt: threading.Event, timeout: float, reattached: bool = False) -> Agreement:
+    """Publish this rank's position and compute donors and receivers from everyone's.
+
+    ``reattached``: this rank's ``committed`` step comes from its device proxy's arena
+    (model and optimizer state only); such a rank never donates.
+
+    Raises:
+        RecoveryError: Every member re-attached to a proxy and none holds the light state.
+    """
+    me = {"committed": committed, "started": started, "reattached": reattached}
     store.set(_keys.committed(epoch, rank), json.dumps(me).encode())
     got = {r: json.loads(wait_key(store, _keys.committed(epoch, r), interrupt, timeout)) for r in ranks}
-    top = max(int(v["committed"]) for v in got.values())
     started_by = {r: int(v["started"]) for r, v in got.items()}
+    full = {r: int(v["committed"]) for r, v in got.items() if not v.get("reattached")}
+    attached = {r: int(v["committed"]) for r, v in got.items() if v.get("reattached")}
+    if not full:
+        msg = (f"epoch {epoch}: every member ({sorted(attached)}) re-attached to its device proxy, so no live "
+               "rank holds the light state (optimizer hyper-parameters, scheduler, buffers): resume from a "
+               "checkpoint (mnemo launch --resume)")
+        raise RecoveryError(msg)
+    top = max(full.values())
     if top == NO_STATE:
-        first = min(ranks)
+        first = min(full)
         return Agreement(-1, [first], [r for r in ranks if r != first], started_by)
-    donors = sorted(r for r, v in got.items() if int(v["committed"]) == top)
+    donors = sorted(r for r, c in full.items() if c == top)
     receivers = sorted(r for r in ranks if r not in donors)
-    return Agreement(top, donors, receivers, started_by)
+    partial = sorted(r for r, c in attached.items() if c == top)
+    return Agreement(top, donors, receivers, started_by, partial)
+
+
+#: Supplies a partial receiver's own state: (skeleton, tensors, whether each tensor is in the arena).
+LocalState = Callable[[], tuple[Any, list[torch.Tensor], list[bool]]]
+
+
+def _structure(skel: Any) -> Any:
+    """A skeleton with its scalars dropped: two states line up when these are equal."""
+    if isinstance(skel, dict):
+        if "T" in skel:
+            return "T"
+        if "D" in skel:
+            return {"D": [[k, _structure(v)] for k, v in skel["D"]]}
+        if "U" in skel:
+            return {"U": [_structure(v) for v in skel["U"]]}
+    if isinstance(skel, list):
+        return [_structure(v) for v in skel]
+    return None
+
+
+def _needed(meta: dict[str, Any], specs: list[TensorSpec], local: LocalState) -> tuple[list[int] | None, list[Any]]:
+    """Indices a partial receiver must receive (None: all) and its own tensors to reuse."""
+    own_skel, own, backed = local()
+    if len(own) != len(specs) or len(backed) != len(own):
+        return None, []
+    # Round-trip through JSON as the donor's skeleton did (tuples, int keys stay as they are).
+    if _structure(json.loads(json.dumps(own_skel))) != _structure(meta["skel"]):
+        return None, []
+    need = [i for i, (t, spec) in enumerate(zip(own, specs, strict=True)) if not (backed[i] and spec_of(t) == spec)]
+    return need, [t if backed[i] else None for i, t in enumerate(own)]
 
 
 def transfer(comm: Any, store: Store, epoch: int, rank: int, plan: Agreement, device: torch.device,
-             state_fn: Callable[[], dict[str, Any]], interrupt: threading.Event, timeout: float) -> tuple[Any, int]:
+             state_fn: Callable[[], dict[str, Any]], interrupt: threading.Event, timeout: float,
+             local: LocalState | None = None, report: dict[str, Any] | None = None) -> tuple[Any, int]:
     """Run this rank's part of the transfer.
+
+    Args:
+        comm: The communicator of ``epoch``.
+        store: The job's store (layout and need lists travel there).
+        epoch: Membership epoch of the recovery.
+        rank: This rank.
+        plan: The agreement of ``epoch``.
+        device: Where received tensors of device type ``cuda`` land.
+        state_fn: Returns a donor's state object.
+        interrupt: Set when a newer epoch exists (ends every wait).
+        timeout: Bound of every wait, seconds.
+        local: For a rank in ``plan.partial``: its own state (see :data:`LocalState`), so
+            that only tensors outside its arena are received. Without it, such a rank
+            receives everything.
+        report: Filled with ``role`` (``donor``, ``receiver``, ``reattached`` or ``none``),
+            ``kept_bytes`` (state reused from the arena) and ``heavy_bytes`` (received bytes
+            of tensors that the arena holds: 0 for a re-attached rank).
 
     Returns:
         For a receiver, the received state object (apply it after this returns); for a
         donor, None. Second item: bytes this rank sent or received.
     """
+    info = report if report is not None else {}
+    info.update(role="none", kept_bytes=0, heavy_bytes=0)
     transport = getattr(comm, "backend_name", None) or getattr(comm, "backend", "gloo")
     comm_device = torch.device("cpu") if transport == "gloo" else device
     # The fallback's torch groups take a message tag; ccl's send/recv have none and keep
@@ -122,6 +199,7 @@ def transfer(comm: Any, store: Store, epoch: int, rank: int, plan: Agreement, de
     if not plan.receivers:
         return None, 0
     if rank in plan.donors:
+        info["role"] = "donor"
         tensors: list[torch.Tensor] = []
         skel = flatten(state_fn(), tensors)
         specs = [spec_of(t) for t in tensors]
@@ -129,23 +207,49 @@ def transfer(comm: Any, store: Store, epoch: int, rank: int, plan: Agreement, de
             meta = {"skel": skel, "specs": [s.to_json() for s in specs]}
             store.set(_keys.xfer_meta(epoch), json.dumps(meta).encode())
         owner = assign_stripes(specs, plan.donors)
+        # Receivers grouped by what they need (all, or a partial receiver's list), so that
+        # each message is packed once per group; every pair keeps one message order.
+        groups: dict[tuple[int, ...] | None, list[int]] = {}
+        for dst in plan.receivers:
+            key: tuple[int, ...] | None = None
+            if dst in plan.partial:
+                body = json.loads(wait_key(store, _keys.xfer_need(epoch, dst), interrupt, timeout))
+                key = None if body["need"] is None else tuple(int(i) for i in body["need"])
+            groups.setdefault(key, []).append(dst)
         sent = 0
-        for tag, idxs in enumerate(pack_plan(specs, owner, rank)):
-            buf = pack([tensors[i] for i in idxs], comm_device)
-            for dst in plan.receivers:
-                if tagged:
-                    comm.send(buf, dst, tag=tag)
-                else:
-                    comm.send(buf, dst)
-                sent += buf.numel()
+        for key, dsts in groups.items():
+            for tag, idxs in enumerate(pack_plan(specs, owner, rank, None if key is None else set(key))):
+                buf = pack([tensors[i] for i in idxs], comm_device)
+                for dst in dsts:
+                    if tagged:
+                        comm.send(buf, dst, tag=tag)
+                    else:
+                        comm.send(buf, dst)
+                    sent += buf.numel()
         return None, sent
     meta = json.loads(wait_key(store, _keys.xfer_meta(epoch), interrupt, timeout))
     specs = [TensorSpec.from_json(s) for s in meta["specs"]]
     owner = assign_stripes(specs, plan.donors)
     staging: list[torch.Tensor | None] = [None] * len(specs)
+    need: list[int] | None = None
+    if rank in plan.partial:
+        own: list[Any] = []
+        if local is not None:
+            need, own = _needed(meta, specs, local)
+        store.set(_keys.xfer_need(epoch, rank), json.dumps({"need": need}).encode())
+        if need is not None:
+            wanted = set(need)
+            for i, t in enumerate(own):
+                if i not in wanted:
+                    staging[i] = t
+                    info["kept_bytes"] += specs[i].nbytes
+            # Bytes of arena-held tensors that must still come over the wire (0: every
+            # arena tensor matched the donor's layout).
+            info["heavy_bytes"] = sum(specs[i].nbytes for i in need if own[i] is not None)
+    info["role"] = "receiver" if need is None else "reattached"
     got = 0
     for src in plan.donors:
-        for tag, idxs in enumerate(pack_plan(specs, owner, src)):
+        for tag, idxs in enumerate(pack_plan(specs, owner, src, None if need is None else set(need))):
             n = sum(specs[i].nbytes for i in idxs)
             buf = torch.empty(n, dtype=torch.uint8, device=comm_device)
             if tagged:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -146,13 +146,17 @@ def assign_stripes(specs: Sequence[TensorSpec], donors: Sequence[int]) -> list[i
     return owner
 
 
-def pack_plan(specs: Sequence[TensorSpec], owner: Sequence[int], donor: int) -> list[list[int]]:
-    """Indices of the tensors ``donor`` sends, grouped into messages of at most CHUNK_BYTES."""
+def pack_plan(specs: Sequence[TensorSpec], owner: Sequence[int], donor: int,
+              only: Collection[int] | None = None) -> list[list[int]]:
+    """Indices of the tensors ``donor`` sends, grouped into messages of at most CHUNK_BYTES.
+
+    ``only``: send just these indices (a receiver that holds the others already).
+    """
     chunks: list[list[int]] = []
     cur: list[int] = []
     size = 0
     for i, spec in enumerate(specs):
-        if owner[i] != donor:
+        if owner[i] != donor or (only is not None and i not in only):
             continue
         if cur and size + spec.nbytes > CHUNK_BYTES:
             chunks.append(cur)

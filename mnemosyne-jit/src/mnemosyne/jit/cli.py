@@ -40,7 +40,7 @@ def _launch(args: argparse.Namespace) -> int:
                       max_restarts=args.max_restarts, event_log=args.event_log, job_id=args.job_id, host=args.host,
                       env=env, no_replace=args.no_replace, ckpt_dir=args.ckpt_dir, resume=resume,
                       shrink=args.shrink, nnodes=args.nnodes, node_rank=args.node_rank, master=args.master,
-                      token=token, node_timeout=args.node_timeout)
+                      token=token, node_timeout=args.node_timeout, proxy=args.proxy, proxy_size=args.proxy_size)
     agent = Agent(cfg)
     where = f"node {cfg.node_rank} of {cfg.nnodes}, " if cfg.nnodes > 1 else ""
     print(f"mnemo launch: job {agent.job_id}, {where}{cfg.nproc} ranks, {cfg.spares} spares, events: "
@@ -107,6 +107,12 @@ def register_launch(sub: Any) -> None:
                         "--max-restarts also checkpoints instead of giving up")
     p.add_argument("--resume", default=None, metavar="DIR",
                    help="start from a checkpoint (DIR itself or the newest complete one under DIR)")
+    p.add_argument("--proxy", action="store_true",
+                   help="keep each rank's model and optimizer state in a device proxy (mnemosyne-proxy, one per "
+                        "local rank) that outlives the trainer: a replacement re-attaches to it and receives only "
+                        "the light state from the healthy ranks")
+    p.add_argument("--proxy-size", default="1G",
+                   help="arena size of each device proxy, e.g. 512M, 20G (default 1G; with --proxy)")
     p.add_argument("--event-log", default=None, help="JSON-lines event log (default ./mnemo-events/<job>.jsonl)")
     p.add_argument("--job-id", default=None,
                    help="job id, the same on every node (default: MNEMOSYNE_JOB_ID, else generated on one node)")

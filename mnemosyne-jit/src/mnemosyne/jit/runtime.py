@@ -38,6 +38,7 @@ full job.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -60,6 +61,7 @@ from mnemosyne.core.env import (
     MNEMOSYNE_EVENT_LOG,
     MNEMOSYNE_INJECT,
     MNEMOSYNE_JOB_ID,
+    MNEMOSYNE_PROXY_SOCKET,
     MNEMOSYNE_RANK,
     MNEMOSYNE_STORE_ADDR,
     MNEMOSYNE_TOKEN,
@@ -77,6 +79,7 @@ from mnemosyne.jit._comm import TorchBackend
 from mnemosyne.jit._gradsync import DEFAULT_BUCKET_BYTES, GradSync
 from mnemosyne.jit._recovery import NO_STATE, agree, transfer, wait_key
 from mnemosyne.jit._select import backend_label, use_ccl
+from mnemosyne.jit._state import flatten
 from mnemosyne.jit._store import connect_job_store
 from mnemosyne.jit._watchdog import Watchdog
 from mnemosyne.jit.agent import MNEMOSYNE_SHRINK
@@ -282,6 +285,22 @@ class Job:
         self._started = -1
         self._needs_recovery = False
         self._closed = False
+        #: The device proxy holding this rank's model and optimizer state (``mnemo launch
+        #: --proxy``), or None. Adopted before the first recovery: a replacement whose
+        #: arena is committed at step s re-attaches to it and reports s.
+        self.proxy: Any = None
+        self._reattached = False
+        socket = env_str(MNEMOSYNE_PROXY_SOCKET)
+        if socket:
+            from mnemosyne.jit._proxy import ProxyLink
+
+            self.proxy = ProxyLink(socket, model, optimizer)
+            if self.proxy.step != NO_STATE:
+                self.committed = self.proxy.step
+                self.next_step = self.committed + 1
+                self._reattached = True
+            self.logger.info("device proxy %s: arena %s at step %d%s", socket, self.proxy.status.value,
+                             self.proxy.arena_step, " (re-attached)" if self._reattached else "")
         self.injector = Injector(rank, self.store, self.log)
         self.injector.add(parse_plans(env_str(MNEMOSYNE_INJECT, "") or ""))
         self._hooks = [optimizer.register_step_pre_hook(self._pre_step),
@@ -290,7 +309,7 @@ class Job:
                                  self._position, self.injector)
         self.watchdog.start()
         self.log.emit(EventKind.INFO, "trainer_start", member=self._member, start_epoch=start_epoch,
-                      backend=self.backend_name)
+                      backend=self.backend_name, **(self.proxy.describe() if self.proxy is not None else {}))
         resume = env_str(MNEMOSYNE_RESUME)
         if resume and start_epoch == 0:
             self._resume(resume)
@@ -425,10 +444,16 @@ class Job:
 
     def _pre_step(self, *_: Any) -> None:
         self.sync_gradients()
+        if self.proxy is not None:
+            # From here until the commit marker, the arena is torn (a crash inside the
+            # update leaves a state that is neither step k-1's nor step k's).
+            self.proxy.begin(self._started)
 
     def _post_step(self, *_: Any) -> None:
         self._applied = self._started
         self.injector.maybe_fire(self._started, "optimizer")
+        if self.proxy is not None:
+            self.proxy.commit(self._started)
 
     def _commit(self, k: int, ran: list[int]) -> None:
         dt = time.perf_counter() - self._step_start
@@ -520,6 +545,12 @@ class Job:
         state["extra"] = {name: obj.state_dict() for name, obj in self.extra.items()}
         return state
 
+    def _local_state(self) -> tuple[Any, list[torch.Tensor], list[bool]]:
+        """This rank's own state, flattened, and which tensors its device proxy holds."""
+        tensors: list[torch.Tensor] = []
+        skel = flatten(self._state(), tensors)
+        return skel, tensors, self.proxy.backed(tensors)
+
     def _resume(self, path: str) -> None:
         """Load the checkpoint ``path`` (verified first) and continue after its step.
 
@@ -535,7 +566,10 @@ class Job:
                 msg = (f"checkpoint {path} was taken by a job of {manifest['world_size']} ranks; this job has "
                        f"{self.world_size} (resume with --nproc-per-node {manifest['world_size']})")
                 raise ConfigError(msg)
-            self._load(state)
+            if self.proxy is not None:
+                self.proxy.store(int(manifest["step"]), lambda: self._load(state))
+            else:
+                self._load(state)
             self.committed = int(manifest["step"])
             self.next_step = self.committed + 1
             t.fields.update(step=self.committed)
@@ -555,7 +589,7 @@ class Job:
         try:
             with phase(self.log, "agree", ckpt=True) as t:
                 plan = agree(self.store, epoch, self.rank, ranks, committed, self._started, self._interrupt,
-                             self.timeout)
+                             self.timeout, reattached=self._reattached)
                 t.fields.update(top=plan.top, donors=plan.donors, receivers=plan.receivers)
             if plan.top >= 0 and self.rank in plan.donors:
                 path = Path(order["dir"]) / ckpt.checkpoint_name(plan.top)
@@ -662,19 +696,30 @@ class Job:
                 committed = NO_STATE if self._torn else self.committed
                 with phase(self.log, "agree") as t:
                     plan = agree(self.store, epoch, self.rank, ranks, committed, self._started,
-                                 self._interrupt, self.timeout)
-                    t.fields.update(top=plan.top, donors=plan.donors, receivers=plan.receivers)
+                                 self._interrupt, self.timeout, reattached=self._reattached)
+                    t.fields.update(top=plan.top, donors=plan.donors, receivers=plan.receivers,
+                                    partial=plan.partial)
                 try:
                     self.injector.maybe_fire(plan.resume_step, "recovery")
                 except InjectedFault as exc:
                     self._die_of_exception(self._started, exc)
                 with phase(self.log, "transfer", first=first) as t:
+                    info: dict[str, Any] = {}
                     received, nbytes = transfer(self._comm, self.store, epoch, self.rank, plan, self.device,
-                                                self._state, self._interrupt, self.timeout)
+                                                self._state, self._interrupt, self.timeout,
+                                                local=self._local_state if self.proxy is not None else None,
+                                                report=info)
                     t.fields.update(bytes=nbytes, donors=len(plan.donors), receivers=len(plan.receivers),
-                                    role="receiver" if received is not None else "donor")
+                                    role=info["role"] if info["role"] != "none" else "donor")
+                    if self.proxy is not None:
+                        t.fields.update(kept_bytes=info["kept_bytes"], heavy_bytes=info["heavy_bytes"])
                 if received is not None:
-                    self._load(received)
+                    if self.proxy is not None:
+                        # Loading replaces the optimizer's state tensors: put the received
+                        # state back into the arena, committed as the agreed step.
+                        self.proxy.store(plan.top, functools.partial(self._load, received))
+                    else:
+                        self._load(received)
                 with phase(self.log, "resume", first=first):
                     self._comm.barrier()
             except Exception as exc:
@@ -694,6 +739,7 @@ class Job:
         self.committed = plan.top
         self.next_step = plan.resume_step
         self._torn = False
+        self._reattached = False
         self._synced = -1
         self._applied = -1
         self._needs_recovery = False
@@ -750,6 +796,8 @@ class Job:
             self.watchdog.beat()  # last heartbeat: the agent stops watching this rank for hangs
         for h in self._hooks:
             h.remove()
+        if self.proxy is not None:
+            self.proxy.close()
         self.log.close()
 
 

@@ -117,7 +117,7 @@ def _incident(evs: list[Event], group: list[Event], last_epoch: Event) -> Incide
     inc.steps_redone = max((int(e.fields.get("steps_redone", 0)) for e in rec), default=0)
     inc.resume_step = max((int(e.fields.get("resume_step", -1)) for e in rec), default=-1)
     xfer = [e for e in in_last if e.kind == EventKind.PHASE and e.name == "transfer"
-            and e.fields.get("role") == "receiver"]
+            and e.fields.get("role") in ("receiver", "reattached")]
     inc.bytes_transferred = sum(int(e.fields.get("bytes", 0)) for e in xfer)
     inc.donors = max((int(e.fields.get("donors", 0)) for e in xfer), default=0)
     return inc

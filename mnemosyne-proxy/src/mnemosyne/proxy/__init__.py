@@ -9,7 +9,7 @@ Importing this package does not import torch; the torch-using parts import it wh
 """
 
 from mnemosyne.proxy.__about__ import __version__
-from mnemosyne.proxy.adopt import AdoptResult, adopt
+from mnemosyne.proxy.adopt import AdoptResult, adopt, store_state
 from mnemosyne.proxy.client import ProxyClient
 from mnemosyne.proxy.errors import ArenaFullError, ProxyError, ProxyUnavailableError, PullError
 from mnemosyne.proxy.holder import ProxyAttachResult, ProxyStateHolder
@@ -29,4 +29,5 @@ __all__ = [
     "PullError",
     "__version__",
     "adopt",
+    "store_state",
 ]

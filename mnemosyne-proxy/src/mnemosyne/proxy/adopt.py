@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +34,7 @@ from mnemosyne.core.errors import ConfigError, StateError
 from mnemosyne.core.state import CommitStatus
 from mnemosyne.proxy.holder import ProxyAttachResult, ProxyStateHolder
 
-__all__ = ["AdoptResult", "adopt", "init_optimizer_state", "state_names"]
+__all__ = ["AdoptResult", "adopt", "init_optimizer_state", "state_names", "store_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -167,6 +168,51 @@ def adopt(model: Any, optimizer: Any = None, holder: ProxyStateHolder | None = N
     _swap_in(model, optimizer, holder, grads)
     holder.commit(init_step)
     return AdoptResult(CommitStatus.COMMITTED, init_step, False, att)
+
+
+def store_state(model: Any, optimizer: Any, holder: ProxyStateHolder, step: int,
+                load: Callable[[], None] | None = None, *, grads: bool = False) -> int:
+    """Write ``model``'s and ``optimizer``'s current values into the arena and commit ``step``.
+
+    For a trainer that loaded state from elsewhere (a peer, a checkpoint) after :func:`adopt`:
+    ``model.load_state_dict`` writes into the arena parameters in place, but
+    ``optimizer.load_state_dict`` replaces the per-parameter state tensors, so the arena no
+    longer holds them. This opens ``begin_update(step)``, runs ``load()`` (so that in-place
+    writes into the arena happen inside the update: a crash there leaves the arena TORN, never
+    a mix that claims a step), copies every state tensor that is not already the arena's
+    into it (allocating names the arena lacks), swaps the arena tensors back into the model
+    and optimizer, and commits ``step``.
+
+    Args:
+        model: The adopted ``torch.nn.Module``.
+        optimizer: Its optimizer, or None.
+        holder: The holder :func:`adopt` used.
+        step: Step number the new contents are committed as.
+        load: Called inside the update before the copy (e.g. loads a state dict), or None.
+        grads: As given to :func:`adopt`.
+
+    Returns:
+        Bytes copied into the arena (tensors already in place are not copied).
+
+    Raises:
+        StateError: The arena holds a tensor of the same name with another shape or dtype.
+    """
+    holder.begin_update(step)
+    if load is not None:
+        load()
+    copied = 0
+    for name, src in state_names(model, optimizer).items():
+        try:
+            t = holder.tensor(name)
+        except StateError:
+            t = holder.allocate(name, str(src.dtype).removeprefix("torch."), tuple(src.shape), src.device)
+        _check_same(name, t, src)
+        if t.data_ptr() != src.data_ptr():
+            t.copy_(src)
+            copied += t.numel() * t.element_size()
+    _swap_in(model, optimizer, holder, grads)
+    holder.commit(step)
+    return copied
 
 
 def _check_same(name: str, t: Any, src: Any) -> None:
