@@ -38,7 +38,6 @@ import json
 import logging
 import os
 import secrets
-import shutil
 import signal
 import stat
 import subprocess
@@ -56,7 +55,6 @@ from mnemosyne.core.env import (
     MNEMOSYNE_HANG_TIMEOUT,
     MNEMOSYNE_JOB_ID,
     MNEMOSYNE_LOCAL_RANK,
-    MNEMOSYNE_LOG_LEVEL,
     MNEMOSYNE_PROXY_SOCKET,
     MNEMOSYNE_RANK,
     MNEMOSYNE_SPARE,
@@ -72,6 +70,7 @@ from mnemosyne.core.membership import Membership
 from mnemosyne.core.store import Store
 from mnemosyne.jit import _keys
 from mnemosyne.jit._coordinator import DEFAULT_CKPT_DIR, Coordinator, Failure
+from mnemosyne.jit._proxies import ProxyPool
 from mnemosyne.jit._select import MNEMOSYNE_JIT_BACKEND
 from mnemosyne.jit._store import JobStoreHost, connect_job_store, host_job_store, parse_addr
 
@@ -126,15 +125,6 @@ def read_token_file(path: str) -> str:
         msg = f"--token-file {path}: the file is empty (expected the job's shared token)"
         raise ConfigError(msg)
     return text
-
-
-def _visible_gpus() -> int:
-    """GPUs this process could use, without importing torch (CUDA_VISIBLE_DEVICES, else /dev/nvidiaN)."""
-    vis = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if vis is not None:
-        ids = [v for v in vis.split(",") if v.strip()]
-        return 0 if not ids or ids[0].strip() == "-1" else len(ids)
-    return len([p for p in Path("/dev").glob("nvidia[0-9]*") if p.name.removeprefix("nvidia").isdigit()])
 
 
 def _die_with_parent() -> None:
@@ -238,22 +228,6 @@ class _Spare:
     proc: subprocess.Popen[bytes]
 
 
-@dataclass
-class _Proxy:
-    local_rank: int
-    state_dir: Path
-    proc: subprocess.Popen[bytes] | None = None
-    starts: int = 0
-
-    @property
-    def socket(self) -> str:
-        return str(self.state_dir / "proxy.sock")
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-
 class Agent:
     """Supervises one node's ranks (see module doc). Call :meth:`run` from the main thread.
 
@@ -297,9 +271,8 @@ class Agent:
         self.ckpt_order: tuple[int, Path, list[int], float] | None = None
         self.coord: Coordinator | None = None
         self._status_seq = 0
-        #: Device proxies by local rank slot (``--proxy``), under one 0700 folder.
-        self.proxies: dict[int, _Proxy] = {}
-        self._proxy_root: Path | None = None
+        #: Device proxies by local rank slot (``--proxy``).
+        self.proxies: ProxyPool | None = None
 
     @staticmethod
     def _check(config: AgentConfig) -> None:
@@ -369,98 +342,11 @@ class Agent:
     def _start_trainer(self, st: RankStatus, epoch: int) -> subprocess.Popen[bytes]:
         extra = {MNEMOSYNE_RANK: str(st.rank), MNEMOSYNE_LOCAL_RANK: str(st.local_rank), MNEMOSYNE_EPOCH: str(epoch)}
         if self.config.proxy:
-            extra[MNEMOSYNE_PROXY_SOCKET] = self._ensure_proxy(st.local_rank)
+            assert self.proxies is not None
+            extra[MNEMOSYNE_PROXY_SOCKET] = self.proxies.socket_for(st.local_rank)
         env = self._child_env(extra)
         env.pop(MNEMOSYNE_SPARE, None)
         return self._popen([], env)
-
-    # ---------------------------------------------------------------- device proxies
-    def _proxy_device(self, local_rank: int) -> int:
-        """Device of a slot's proxy: its GPU when every local rank has one (as the trainers decide), else -1."""
-        gpus = _visible_gpus()
-        return local_rank if gpus >= self.config.nproc and local_rank < gpus else -1
-
-    def _spawn_proxy(self, px: _Proxy) -> None:
-        sock = Path(px.socket)
-        if sock.exists():
-            sock.unlink()  # a dead proxy's socket: readiness below means the new one listens
-        env = self._child_env({})
-        env.setdefault(MNEMOSYNE_LOG_LEVEL, "WARNING")
-        cmd = [sys.executable, "-m", "mnemosyne.proxy", "--device", str(self._proxy_device(px.local_rank)),
-               "--state-dir", str(px.state_dir), "--job", self.job_id, "--size", self.config.proxy_size]
-        # The token travels in MNEMOSYNE_TOKEN (set by _child_env), never on the command line.
-        px.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, start_new_session=True,
-                                   preexec_fn=_die_with_parent)
-        px.starts += 1
-        self.emit(EventKind.INFO, "proxy_start", local_rank=px.local_rank, pid=px.proc.pid, socket=px.socket,
-                  device=self._proxy_device(px.local_rank), generation=px.starts)
-
-    def _wait_proxies(self, pxs: list[_Proxy], timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        for px in pxs:
-            assert px.proc is not None
-            while not Path(px.socket).exists():
-                if px.proc.poll() is not None:
-                    msg = (f"the device proxy of local rank {px.local_rank} exited with {px.proc.returncode} while "
-                           "starting (see its messages above)")
-                    raise MnemosyneError(msg)
-                if time.monotonic() > deadline:
-                    msg = f"the device proxy of local rank {px.local_rank} did not listen within {timeout:.0f} s"
-                    raise MnemosyneError(msg)
-                time.sleep(0.01)
-
-    def _start_proxies(self) -> None:
-        """Start one proxy per local rank slot and wait until each listens (``--proxy``)."""
-        base = job_info_dir()
-        # Short names: the socket path must stay under ~104 bytes.
-        self._proxy_root = Path(tempfile.mkdtemp(prefix=f"px-{self.job_id[:24]}-", dir=base))  # mode 0700
-        for lr in range(self.config.nproc):
-            px = _Proxy(lr, self._proxy_root / f"lr{lr}")
-            self.proxies[lr] = px
-            self._spawn_proxy(px)
-        self._wait_proxies(list(self.proxies.values()))
-
-    def _ensure_proxy(self, local_rank: int) -> str:
-        """The socket of ``local_rank``'s proxy, (re)started first if it is missing or dead."""
-        px = self.proxies.get(local_rank)
-        if px is None:
-            assert self._proxy_root is not None
-            px = self.proxies[local_rank] = _Proxy(local_rank, self._proxy_root / f"lr{local_rank}")
-        if not px.alive:
-            self._spawn_proxy(px)
-            self._wait_proxies([px])
-        return px.socket
-
-    def _check_proxies(self) -> None:
-        """Report a dead proxy and start it again; its trainer dies at its next marker and is replaced."""
-        for px in self.proxies.values():
-            if px.proc is None or px.proc.poll() is None:
-                continue
-            rc = px.proc.returncode
-            self.emit(EventKind.INFO, "proxy_exit", local_rank=px.local_rank, pid=px.proc.pid, returncode=rc)
-            logger.warning("the device proxy of local rank %d exited with %s; starting it again (the state it held "
-                           "is lost: its trainer is replaced and receives the state from donors)", px.local_rank, rc)
-            px.proc = None
-            self._spawn_proxy(px)
-            self._wait_proxies([px])
-
-    def _stop_proxies(self) -> None:
-        for px in self.proxies.values():
-            if px.alive:
-                assert px.proc is not None
-                with contextlib.suppress(ProcessLookupError):
-                    px.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 5.0
-        for px in self.proxies.values():
-            if px.proc is None:
-                continue
-            try:
-                px.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                px.proc.kill()
-                px.proc.wait()
-        if self._proxy_root is not None:
-            shutil.rmtree(self._proxy_root, ignore_errors=True)
 
     def _start_spare(self) -> None:
         # Spare ids are unique across nodes (their store keys are job-wide).
@@ -489,7 +375,8 @@ class Agent:
             body: dict[str, Any] = {"rank": st.rank, "local_rank": st.local_rank, "epoch": epoch,
                                     "world_size": self.world_size, "t": time.time()}
             if self.config.proxy:
-                body["proxy_socket"] = self._ensure_proxy(st.local_rank)
+                assert self.proxies is not None
+                body["proxy_socket"] = self.proxies.socket_for(st.local_rank)
             self.store.set(_keys.spare_assign(pick.spare_id), json.dumps(body).encode())
             proc = pick.proc
             how = f"spare {pick.spare_id}" + ("" if pick in ready else " (still warming up)")
@@ -810,7 +697,9 @@ class Agent:
                   spares=self.config.spares, command=self.config.command, store=self.store_addr,
                   store_kind=self.store_kind)
         if self.config.proxy:
-            self._start_proxies()
+            self.proxies = ProxyPool(self.config.nproc, self.job_id, self.config.proxy_size,
+                                     lambda: self._child_env({}), self.emit, _die_with_parent)
+            self.proxies.start()
         if self.coordinator_node:
             self._write_info()
             self.coord = Coordinator(self)
@@ -877,8 +766,8 @@ class Agent:
                 continue
             cause, detail = self._classify_exit(st, rc)
             self._report(st, cause, detail)
-        if self.proxies:
-            self._check_proxies()
+        if self.proxies is not None:
+            self.proxies.check()
         for sp in list(self.spares):
             if sp.proc.poll() is not None:
                 self.spares.remove(sp)
@@ -972,7 +861,8 @@ class Agent:
                 if not self.store.check([_keys.agent_exit(self.node)]):
                     self.store.set(_keys.agent_exit(self.node), json.dumps({"code": code, "codes": {}}).encode())
         # After the trainers: a trainer still running must not lose its arena under it.
-        self._stop_proxies()
+        if self.proxies is not None:
+            self.proxies.stop()
         if self._info_file is not None:
             self._info_file.unlink(missing_ok=True)
         if self.server is not None:
