@@ -65,7 +65,9 @@ def run_mnemosyne(work: Path, a: argparse.Namespace, case: str) -> dict:
     plan = f"rank={a.kill_rank},step={a.kill_step},kind=kill,phase={a.kill_phase}"
     env = {"MNEMOSYNE_JIT_BACKEND": a.jit_backend} if a.jit_backend != "auto" else None
     run = launch(work / f"mnemosyne-{case}", nproc=a.nproc, spares=spares, steps=a.steps, inject=plan,
-                 train_args=MODELS[a.model], timeout=a.timeout, env=env, launch_args=["--shrink"] if shrink else ())
+                 train_args=MODELS[a.model], timeout=a.timeout, env=env,
+                 launch_args=[*(["--shrink"] if shrink else []), *(["--proxy", "--proxy-size", a.proxy_size]
+                                                                    if a.proxy else [])])
     wall = time.perf_counter() - t0
     if run.returncode != 0:
         sys.exit(f"mnemosyne run failed ({run.returncode}):\n{run.output[-3000:]}")
@@ -77,7 +79,8 @@ def run_mnemosyne(work: Path, a: argparse.Namespace, case: str) -> dict:
             "step_median_s": statistics.median(steps), "wall_s": wall,
             "bytes_transferred": inc.bytes_transferred, "donors": inc.donors,
             "backend": ",".join(sorted({str(e.fields.get("backend")) for e in ev if e.name == "trainer_start"})),
-            "spares": spares, "shrink": shrink, **_grow_back(ev)}
+            "spares": spares, "shrink": shrink, **_grow_back(ev),
+            "reattached": any(e.name == "transfer" and e.fields.get("role") == "reattached" for e in ev)}
 
 
 def _grow_back(ev: list) -> dict:
@@ -150,6 +153,9 @@ def main() -> None:
     p.add_argument("--spares", default="1",
                    help="comma-separated Mnemosyne runs: a spare count each, or 'shrink' (no spare, --shrink); "
                         "e.g. 1,0,shrink")
+    p.add_argument("--proxy", action="store_true",
+                   help="Mnemosyne runs keep state in device proxies (mnemo launch --proxy); replacements re-attach")
+    p.add_argument("--proxy-size", default="4G", help="arena size per proxy with --proxy (default 4G)")
     p.add_argument("--jit-backend", choices=["auto", "ccl", "torch"], default="auto",
                    help="mnemosyne's store/communicator: auto (mnemosyne-ccl when installed) or forced")
     a = p.parse_args()
@@ -175,14 +181,15 @@ def main() -> None:
         print(f"  {k:<42}{v:>10.3f}")
     print(f"  {'total lost time':<42}{base['lost_s']:>10.3f}   ({base['steps_redone']} steps redone)")
     for run in runs:
-        plural = "s" if run["spares"] != 1 else ""
+        plural = ("s" if run["spares"] != 1 else "") + (", device proxy" if a.proxy else "")
         label = (f"mnemosyne (shrink, no spare, {run['backend']})" if run["shrink"] else
                  f"mnemosyne (in place, {run['spares']} warm spare{plural}, {run['backend']})")
         print(f"\n{label:<44}{'seconds':>10}")
         for k, v in run["phases_s"].items():
             print(f"  {k:<42}{v:>10.3f}")
         print(f"  {'total lost time':<42}{run['lost_s']:>10.3f}   ({run['steps_redone']} step redone, "
-              f"{run['bytes_transferred'] / 1e6:.2f} MB from {run['donors']} donors)")
+              f"{run['bytes_transferred'] / 1e6:.2f} MB from {run['donors']} donors"
+              f"{', re-attached to its proxy' if run['reattached'] else ''})")
         if run["shrink"] and not run.get("grew_back"):
             print("  (ran shrunk to the end: the cold replacement was not ready before the last step)")
         if run.get("grew_back"):
