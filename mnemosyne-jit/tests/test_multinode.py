@@ -17,7 +17,8 @@ import torch
 
 from mnemosyne.core.errors import ConfigError
 from mnemosyne.core.events import EventKind, read_events
-from mnemosyne.jit.agent import Agent, AgentConfig, read_token_file
+from mnemosyne.jit import ckpt
+from mnemosyne.jit.agent import EXIT_JOB_CKPT, Agent, AgentConfig, read_token_file
 from mnemosyne.jit.testing import TINY, compare_final_states, flatten_state, launch, started_pids
 
 pytestmark = pytest.mark.slow
@@ -197,3 +198,27 @@ def test_loss_of_a_node_without_spares_shrinks_then_grows_back(tmp_path):
         for key in ("model", "optim"):
             a, b = flatten_state(finals[0][key]), flatten_state(finals[r][key])
             assert all(torch.equal(a[p], b[p]) if isinstance(a[p], torch.Tensor) else a[p] == b[p] for p in a)
+
+
+@pytest.mark.timeout(200)
+def test_checkpoint_across_nodes_then_resume_is_bit_for_bit(tmp_path, reference):
+    """--no-replace on two nodes: rank 3 (node 1) dies, survivors on both nodes write one
+    just-in-time checkpoint, both agents exit 3; a one-node --resume equals the fault-free run."""
+    port = _free_port()
+    root = tmp_path / "ckpts"
+    extra = ["--no-replace", "--ckpt-dir", str(root)]
+    procs = {0: _start_node(tmp_path, 0, port, "mn-ckpt", spares=0, extra=extra),
+             1: _start_node(tmp_path, 1, port, "mn-ckpt", spares=0,
+                            extra=[*extra, "--inject", "rank=3,step=4,kind=kill,phase=forward"])}
+    codes, logs = _wait(procs, tmp_path, 120)
+    assert codes == {0: EXIT_JOB_CKPT, 1: EXIT_JOB_CKPT}, logs
+    path = ckpt.latest(root)
+    assert path is not None, logs
+    report = ckpt.verify(path)
+    assert report.step == 3 and report.manifest["writer_ranks"] == [0, 1, 2]  # writers on both nodes
+    events = read_events(tmp_path / "events.jsonl", strict=False)
+    final = [e for e in events if e.rank == -1 and e.name == "ckpt"]
+    assert len(final) == 1 and final[0].fields["ok"] and final[0].fields["node"] == 0
+    res = launch(tmp_path / "resumed", steps=STEPS, timeout=100, launch_args=["--resume", str(root)])
+    assert res.returncode == 0, res.output[-4000:]
+    assert not compare_final_states(reference.out, res.out, 4)
