@@ -222,3 +222,44 @@ def test_checkpoint_across_nodes_then_resume_is_bit_for_bit(tmp_path, reference)
     res = launch(tmp_path / "resumed", steps=STEPS, timeout=100, launch_args=["--resume", str(root)])
     assert res.returncode == 0, res.output[-4000:]
     assert not compare_final_states(reference.out, res.out, 4)
+
+
+@pytest.mark.timeout(170)
+def test_silent_node_is_fenced_and_stops_when_it_comes_back(tmp_path, reference):
+    """Node 1's agent frozen (SIGSTOP) past --node-timeout while its trainers still run: the
+    coordinator gives node 1 up and node 0's spares take ranks 2 and 3; the old holders find
+    themselves replaced and exit; the agent, continued, stops with a clear message."""
+    port = _free_port()
+    slow = ["--step-sleep", "1.0", "--log-steps"]  # the job must still run when node 1 comes back
+    procs = {0: _start_node(tmp_path, 0, port, "mn-fence", spares=2, train_args=slow),
+             1: _start_node(tmp_path, 1, port, "mn-fence", spares=0, train_args=slow)}
+    log = tmp_path / "events.jsonl"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        evs = read_events(log, strict=False) if log.exists() else []
+        if any(e.kind == EventKind.STEP and e.rank == 2 and e.fields["step"] >= 2 for e in evs):
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("training did not reach step 2")
+    os.kill(procs[1].pid, signal.SIGSTOP)
+    while time.monotonic() < deadline + 30:
+        evs = read_events(log, strict=False)
+        if any(e.name == "assigned" and e.fields["node"] == 0 for e in evs):
+            break
+        time.sleep(0.1)
+    time.sleep(1.0)
+    os.kill(procs[1].pid, signal.SIGCONT)
+    codes, logs = _wait(procs, tmp_path, 120)
+    assert codes == {0: 0, 1: 1}, logs
+    assert "gave this node up" in (tmp_path / "node1.log").read_text(), logs
+    assert not compare_final_states(reference.out, tmp_path, 4), logs
+    events = read_events(log, strict=False)
+    assert [e.fields["lost_node"] for e in events if e.name == "node_lost"] == [1]
+    assigned = sorted((e.fields["target_rank"], e.fields["node"]) for e in events if e.name == "assigned")
+    assert assigned == [(2, 0), (3, 0)]
+    pids = started_pids(tmp_path)
+    assert len(pids[2]) == 2 and len(pids[3]) == 2 and len(pids[0]) == 1 and len(pids[1]) == 1, pids
+    spares0 = {e.fields["pid"] for e in events if e.name == "spare_start" and e.fields["node"] == 0}
+    for r in (2, 3):  # the final state was written by the new holders: node 0's spares
+        assert torch.load(tmp_path / f"final-rank{r}.pt", weights_only=False)["pid"] in spares0
