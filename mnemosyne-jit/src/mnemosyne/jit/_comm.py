@@ -306,6 +306,20 @@ class TorchComm:
         self._pg = None
 
 
+def _wait_for(done: Callable[[], bool], interrupt: threading.Event | None, deadline: float, what: str,
+              late: Callable[[], str], pause: float = 0.0) -> None:
+    """Poll ``done`` until true; a set ``interrupt`` raises CommAborted, the deadline CommError."""
+    while not done():
+        if interrupt is not None and interrupt.is_set():
+            msg = f"{what} interrupted by a newer epoch"
+            raise CommAborted(msg)
+        if time.monotonic() > deadline:
+            msg = f"{what}: {late()}"
+            raise CommError(msg)
+        if pause:
+            time.sleep(pause)
+
+
 class TorchBackend(CommBackend):
     """Creates :class:`TorchComm` groups; ``join`` is ``create`` (every member rebuilds).
 
@@ -357,14 +371,8 @@ class TorchBackend(CommBackend):
         store.set(f"{key}/ranks", json.dumps(list(members)).encode())
         store.add(key, 1)
         deadline = time.monotonic() + timeout
-        while store.add(key, 0) < size:
-            if interrupt is not None and interrupt.is_set():
-                msg = f"rendezvous of epoch {epoch} interrupted by a newer epoch"
-                raise CommAborted(msg)
-            if time.monotonic() > deadline:
-                msg = f"rendezvous of epoch {epoch}: only {store.add(key, 0)} of {size} members arrived in {timeout} s"
-                raise CommError(msg)
-            time.sleep(0.002)
+        _wait_for(lambda: store.add(key, 0) >= size, interrupt, deadline, f"rendezvous of epoch {epoch}",
+                  lambda: f"only {store.add(key, 0)} of {size} members arrived in {timeout} s", 0.002)
         pg_store: Any
         if ts is None:
             # A GPU job on mnemosyne-ccl's store without nccl4py: torch bootstraps from
@@ -390,13 +398,8 @@ class TorchBackend(CommBackend):
                 built.set()
 
         threading.Thread(target=build, name=f"mnemosyne-pg-e{epoch}", daemon=True).start()
-        while not built.wait(0.005):
-            if interrupt is not None and interrupt.is_set():
-                msg = f"building the group of epoch {epoch} interrupted by a newer epoch"
-                raise CommAborted(msg)
-            if time.monotonic() > deadline:
-                msg = f"building the group of epoch {epoch} took longer than {timeout} s"
-                raise CommError(msg)
+        _wait_for(lambda: built.wait(0.005), interrupt, deadline, f"building the group of epoch {epoch}",
+                  lambda: f"took longer than {timeout} s")
         if "err" in box:
             msg = f"building the {self.backend} group of epoch {epoch} failed: {box['err']}"
             raise CommError(msg) from box["err"]

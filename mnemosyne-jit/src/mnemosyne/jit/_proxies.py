@@ -90,7 +90,7 @@ class ProxyPool:
 
     def start(self) -> None:
         """Start one proxy per local rank slot and wait until each listens."""
-        from mnemosyne.jit.agent import job_info_dir
+        from mnemosyne.jit._agent_config import job_info_dir
 
         # Short names: the socket path must stay under ~104 bytes.
         base = self._base or job_info_dir()

@@ -35,9 +35,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from mnemosyne.core.events import EventKind, EventLog, phase
+from mnemosyne.jit._step import _rng_seed
 from mnemosyne.jit.data import DataCursor, ResumableSampler
 from mnemosyne.jit.demo.train import build, parse_args
-from mnemosyne.jit.runtime import _rng_seed
 
 __all__ = ["main"]
 
