@@ -4,10 +4,11 @@
   return at once and are polled with ``get_async_error`` in a loop that also watches the
   abort flag, the epoch's abort key and the timeout, so a rebuild that cannot complete
   is aborted instead of hanging.
-* Collectives run on torch's *current* CUDA stream (never stream 0). Each call records
-  a CUDA event and waits for it while polling ``get_async_error`` and the abort flag;
-  :meth:`~mnemosyne.ccl._base.FlexCommunicator.abort` from any thread calls
-  ``ncclCommAbort``, which ends a blocked collective.
+* Collectives run on torch's *current* CUDA stream (never stream 0). Each call polls
+  ``get_async_error`` until NCCL has launched it (a non-blocking communicator may launch
+  from its own thread after answering ncclInProgress), then records a CUDA event and
+  waits for it while watching the abort flag; :meth:`~mnemosyne.ccl._base.FlexCommunicator.abort`
+  from any thread wakes a blocked caller, and the repair ends the NCCL communicator.
 * Shrink uses ``ncclCommShrink`` with the abort flag when the loaded NCCL is 2.27.3 or
   newer (the dead rank need not take part, pending work is cancelled); otherwise the
   survivors build a fresh communicator under the new epoch's prefix.
@@ -221,18 +222,27 @@ class NcclCommunicator(FlexCommunicator):
             if not _in_progress(exc):
                 err = self.fail(f"{what} failed to launch: {exc}")
                 raise err from None
+        # A non-blocking communicator may launch the kernel from NCCL's own thread after the
+        # call returned ncclInProgress: until get_async_error says ncclSuccess the kernel may
+        # not be on the stream yet (an event recorded then completes at once) and the
+        # communicator accepts no other call (ncclCommShrink answers ncclInvalidArgument).
+        # So: poll until launched, then record the event that marks completion.
         event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-        event.record(stream)
+        launched = False
         done = threading.Event()
 
         def complete() -> bool:
-            if event.query():  # type: ignore[no-untyped-call]
-                return True
+            nonlocal launched
             state = int(comm.get_async_error())
             if state not in (0, 7):
                 err = self.fail(f"{what}: NCCL async error {state}: {comm.get_last_error()}")
                 raise err
-            return False
+            if not launched:
+                if state == 7:
+                    return False
+                event.record(stream)
+                launched = True
+            return bool(event.query())  # type: ignore[no-untyped-call]
 
         self.wait_until(done, complete, what)
 
