@@ -144,7 +144,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--ckpt-every", type=int, default=20)
     p.add_argument("--kill-step", type=int, default=30)
-    p.add_argument("--kill-rank", type=int, default=2)
+    p.add_argument("--kill-rank", type=int, default=None, help="rank to kill (default: 2, or the last rank)")
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--json", default=None)
     p.add_argument("--kill-phase", choices=["forward", "allreduce", "optimizer"], default="forward",
@@ -166,6 +166,10 @@ def main() -> None:
     bad = [x for x in spare_cases if x != "shrink" and not x.isdigit()]
     if bad:
         p.error(f"--spares: {bad} are neither spare counts nor 'shrink'")
+    if a.kill_rank is None:
+        a.kill_rank = min(2, a.nproc - 1)
+    if not 0 <= a.kill_rank < a.nproc:
+        p.error(f"--kill-rank {a.kill_rank}: expected a rank in 0..{a.nproc - 1} (--nproc {a.nproc})")
     gpu = "no GPU"
     if torch.cuda.is_available():
         gpu = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}, NCCL {torch.cuda.nccl.version()}"

@@ -1,8 +1,7 @@
 """The NCCL backend: flexible communicators on NVIDIA GPUs through nccl4py (>= 0.6).
 
-* Non-blocking communicators (``NCCLConfig(blocking=False)``): init, shrink and grow
-  return at once and are polled with ``get_async_error`` in a loop that also watches the
-  abort flag, the epoch's abort key and the timeout, so a rebuild that cannot complete
+* Non-blocking init (``NCCLConfig(blocking=False)``) returns at once and is polled with
+  ``get_async_error`` in a loop that also watches the abort flag, the epoch's abort key and the timeout, so a rebuild that cannot complete
   is aborted instead of hanging.
 * Collectives run on torch's *current* CUDA stream (never stream 0). Each call polls
   ``get_async_error`` until NCCL has launched it (a non-blocking communicator may launch
@@ -313,7 +312,11 @@ class NcclCommunicator(FlexCommunicator):
         nccl = _nccl()
         prefix = comm_prefix(self.tag, epoch)
         if what == "shrink" and self._version >= NCCL_SHRINK_MIN and self._comm is not None:
-            child = self._comm.shrink([self.physical(r) for r in dead], nccl.NCCLConfig(blocking=False),
+            # Blocking on purpose: nccl4py 0.6 wraps the child handle when ncclCommShrink
+            # returns, but a non-blocking shrink publishes it only when its async init ends,
+            # so the wrapper stays null ("Communicator not initialized", 2xH200). The child
+            # inherits blocking mode; its collectives still go through _run's polling.
+            child = self._comm.shrink([self.physical(r) for r in dead], nccl.NCCLConfig(blocking=True),
                                       nccl.CommShrinkFlag.ABORT)
             out = NcclCommunicator(self._store, self.tag, epoch, order, self._rank, self.timeout, child,
                                    self.device, self._cache)
@@ -321,15 +324,16 @@ class NcclCommunicator(FlexCommunicator):
             return out
         if what == "grow" and self._version >= NCCL_GROW_MIN and self._comm is not None:
             self._store.set(f"{prefix}/mode", b"grow")
+            # Blocking, as shrink above (the child handle must exist when grow returns).
             uid_key = f"{prefix}/pg/grow_uid"
             out = NcclCommunicator(self._store, self.tag, epoch, order, self._rank, self.timeout, None,
                                    self.device, self._cache)
             if self.physical_rank == 0:
                 uid = self._comm.get_unique_id()
                 self._store.set(uid_key, bytes(uid))
-                child = self._comm.grow(len(order), uid, config=nccl.NCCLConfig(blocking=False))
+                child = self._comm.grow(len(order), uid, config=nccl.NCCLConfig(blocking=True))
             else:
-                child = self._comm.grow(len(order), config=nccl.NCCLConfig(blocking=False))
+                child = self._comm.grow(len(order), config=nccl.NCCLConfig(blocking=True))
             out._poll_ready(child, f"NCCL grow to epoch {epoch}")
             out._comm = child
             return out
@@ -426,7 +430,7 @@ class NcclBackend(CommBackend):
         out.wait_store([f"{prefix}/pg/grow_uid"], "waiting for the grow unique id")
         uid = nccl.UniqueId.from_bytes(store.get(f"{prefix}/pg/grow_uid", timeout))
         child = nccl.Communicator().grow(len(order), uid, rank=order.index(rank),
-                                         config=nccl.NCCLConfig(blocking=False))
+                                         config=nccl.NCCLConfig(blocking=True))  # as in _make's grow
         out._poll_ready(child, f"NCCL grow (newcomer) to epoch {epoch}")
         out._comm = child
         return out
