@@ -143,6 +143,21 @@ def _reap(procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
         raise RuntimeError(msg)
 
 
+def _gather(store: StoreClient, keys: list[str], procs: list[subprocess.Popen[bytes]], timeout: float) -> list[bytes]:
+    """Values of ``keys`` once all are set; fail at once when a rank process dies first."""
+    deadline = time.monotonic() + timeout
+    while not store.check(keys):
+        dead = [(i, p.returncode) for i, p in enumerate(procs) if p.poll() not in (None, 0)]
+        if dead:
+            msg = f"benchmark rank processes failed (rank, exit code): {dead}; see their output above"
+            raise RuntimeError(msg)
+        if time.monotonic() >= deadline:
+            msg = f"benchmark ranks did not report {keys} within {timeout:g} s"
+            raise RuntimeError(msg)
+        time.sleep(0.05)
+    return [store.get(k, timeout) for k in keys]
+
+
 def _library_version(backend: str) -> str | None:
     if backend != "nccl":
         return None
@@ -171,12 +186,13 @@ def run(args: argparse.Namespace) -> int:
         for i in range(args.fresh_repeats):
             t0 = time.time()
             procs = [_spawn({**base, "rank": r, "fresh": True, "tag": f"fresh{i}"}) for r in range(args.world)]
-            ends = [float(store.get(f"bench/fresh/fresh{i}/{r}", args.timeout)) for r in range(args.world)]
+            ends = [float(v) for v in _gather(store, [f"bench/fresh/fresh{i}/{r}" for r in range(args.world)],
+                                              procs, args.timeout)]
             fresh.append(max(ends) - t0)
             _reap(procs, args.timeout)
         procs = [_spawn({**base, "rank": r}) for r in range(args.world)]
-        per_rank = [json.loads(store.get(f"bench/result/{r}", args.timeout * (args.repeats + 1)))
-                    for r in range(args.world)]
+        per_rank = [json.loads(v) for v in _gather(store, [f"bench/result/{r}" for r in range(args.world)], procs,
+                                                   args.timeout * (args.repeats + 1))]
         _reap(procs, args.timeout)
     finally:
         for p in procs:

@@ -1,7 +1,8 @@
 """The NCCL backend: flexible communicators on NVIDIA GPUs through nccl4py (>= 0.6).
 
-* Non-blocking init (``NCCLConfig(blocking=False)``) returns at once and is polled with
-  ``get_async_error`` in a loop that also watches the abort flag, the epoch's abort key and the timeout, so a rebuild that cannot complete
+* Non-blocking communicators (``NCCLConfig(blocking=False)``): init, shrink and grow
+  return at once and are polled with ``get_async_error`` in a loop that also watches the
+  abort flag, the epoch's abort key and the timeout, so a rebuild that cannot complete
   is aborted instead of hanging.
 * Collectives run on torch's *current* CUDA stream (never stream 0). Each call polls
   ``get_async_error`` until NCCL has launched it (a non-blocking communicator may launch
@@ -9,11 +10,12 @@
   waits for it while watching the abort flag; :meth:`~mnemosyne.ccl._base.FlexCommunicator.abort`
   from any thread wakes a blocked caller, and the repair ends the NCCL communicator.
 * Shrink uses ``ncclCommShrink`` with the abort flag when the loaded NCCL is 2.27.3 or
-  newer (the dead rank need not take part, pending work is cancelled); otherwise the
-  survivors build a fresh communicator under the new epoch's prefix.
-* Grow uses ``ncclCommGrow`` when the loaded NCCL is 2.29.2 or newer (survivors keep
-  their ranks, newcomers are appended, so the logical-to-physical map matters); otherwise
-  every member (survivors and newcomers) builds a fresh communicator.
+  newer and nccl4py can return the child (:data:`NCCL4PY_CHILD_MIN`; the dead rank need
+  not take part, pending work is cancelled); otherwise the survivors abort the old
+  communicator and build a fresh one under the new epoch's prefix.
+* Grow uses ``ncclCommGrow`` when the loaded NCCL is 2.29.2 or newer (same nccl4py
+  condition; survivors keep their ranks, newcomers are appended, so the logical-to-physical
+  map matters); otherwise every member (survivors and newcomers) builds a fresh communicator.
 * Topology and graph search run once: the first build dumps them (``NCCL_TOPO_DUMP_FILE``,
   ``NCCL_GRAPH_DUMP_FILE``, written by global rank 0), and every later build on that host
   feeds them back (``NCCL_TOPO_FILE``, and ``NCCL_GRAPH_FILE`` when a graph of the same
@@ -31,6 +33,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 import threading
 import time
@@ -50,6 +53,28 @@ logger = logging.getLogger(__name__)
 #: First NCCL releases with ncclCommShrink (abort flag) and ncclCommGrow.
 NCCL_SHRINK_MIN = (2, 27, 3)
 NCCL_GROW_MIN = (2, 29, 2)
+#: First nccl4py assumed to hand back the child of a non-blocking shrink/grow. 0.6.0 wraps
+#: the child handle when ncclCommShrink returns, but NCCL publishes it only when the
+#: asynchronous init ends (the parent is non-blocking, so the shrink is too, whatever the
+#: child's config says): the wrapper stays null ("Communicator not initialized", seen on
+#: 2x H200 with blocking and non-blocking child configs alike). Below it, shrink and grow
+#: build a fresh communicator, as with an NCCL too old for them.
+NCCL4PY_CHILD_MIN = (0, 7, 0)
+
+
+def _nccl4py_version() -> tuple[int, ...]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        text = version("nccl4py")
+    except PackageNotFoundError:
+        return (0,)
+    return tuple(int(x) for x in re.findall(r"\d+", text)[:3])
+
+
+def _native_children() -> bool:
+    """Whether the installed nccl4py can return a shrink/grow child (see NCCL4PY_CHILD_MIN)."""
+    return _nccl4py_version() >= NCCL4PY_CHILD_MIN
 
 
 def _nccl() -> Any:
@@ -303,7 +328,7 @@ class NcclCommunicator(FlexCommunicator):
     # -- membership ----------------------------------------------------------------
 
     def _grown_order(self, new: tuple[int, ...]) -> tuple[int, ...]:
-        if self._version >= NCCL_GROW_MIN:
+        if self._version >= NCCL_GROW_MIN and _native_children():
             return self._order + new  # ncclCommGrow appends newcomers after the survivors
         return tuple(sorted(self._order + new))
 
@@ -311,29 +336,24 @@ class NcclCommunicator(FlexCommunicator):
               new: tuple[int, ...]) -> NcclCommunicator:
         nccl = _nccl()
         prefix = comm_prefix(self.tag, epoch)
-        if what == "shrink" and self._version >= NCCL_SHRINK_MIN and self._comm is not None:
-            # Blocking on purpose: nccl4py 0.6 wraps the child handle when ncclCommShrink
-            # returns, but a non-blocking shrink publishes it only when its async init ends,
-            # so the wrapper stays null ("Communicator not initialized", 2xH200). The child
-            # inherits blocking mode; its collectives still go through _run's polling.
-            child = self._comm.shrink([self.physical(r) for r in dead], nccl.NCCLConfig(blocking=True),
+        if what == "shrink" and self._version >= NCCL_SHRINK_MIN and self._comm is not None and _native_children():
+            child = self._comm.shrink([self.physical(r) for r in dead], nccl.NCCLConfig(blocking=False),
                                       nccl.CommShrinkFlag.ABORT)
             out = NcclCommunicator(self._store, self.tag, epoch, order, self._rank, self.timeout, child,
                                    self.device, self._cache)
             out._poll_ready(child, f"NCCL shrink to epoch {epoch}")
             return out
-        if what == "grow" and self._version >= NCCL_GROW_MIN and self._comm is not None:
+        if what == "grow" and self._version >= NCCL_GROW_MIN and self._comm is not None and _native_children():
             self._store.set(f"{prefix}/mode", b"grow")
-            # Blocking, as shrink above (the child handle must exist when grow returns).
             uid_key = f"{prefix}/pg/grow_uid"
             out = NcclCommunicator(self._store, self.tag, epoch, order, self._rank, self.timeout, None,
                                    self.device, self._cache)
             if self.physical_rank == 0:
                 uid = self._comm.get_unique_id()
                 self._store.set(uid_key, bytes(uid))
-                child = self._comm.grow(len(order), uid, config=nccl.NCCLConfig(blocking=True))
+                child = self._comm.grow(len(order), uid, config=nccl.NCCLConfig(blocking=False))
             else:
-                child = self._comm.grow(len(order), config=nccl.NCCLConfig(blocking=True))
+                child = self._comm.grow(len(order), config=nccl.NCCLConfig(blocking=False))
             out._poll_ready(child, f"NCCL grow to epoch {epoch}")
             out._comm = child
             return out
@@ -430,16 +450,18 @@ class NcclBackend(CommBackend):
         out.wait_store([f"{prefix}/pg/grow_uid"], "waiting for the grow unique id")
         uid = nccl.UniqueId.from_bytes(store.get(f"{prefix}/pg/grow_uid", timeout))
         child = nccl.Communicator().grow(len(order), uid, rank=order.index(rank),
-                                         config=nccl.NCCLConfig(blocking=True))  # as in _make's grow
+                                         config=nccl.NCCLConfig(blocking=False))
         out._poll_ready(child, f"NCCL grow (newcomer) to epoch {epoch}")
         out._comm = child
         return out
 
     @classmethod
     def capabilities(cls) -> dict[str, bool]:
-        """Native shrink/grow of the loaded NCCL (False when nccl4py or libnccl is missing)."""
+        """Native shrink/grow of the loaded NCCL and nccl4py (False when either is missing or too old)."""
         try:
             ver = nccl_version()
         except (MissingDependencyError, CommError):
             return {"shrink": False, "grow": False, "abort": True, "split": True}
-        return {"shrink": ver >= NCCL_SHRINK_MIN, "grow": ver >= NCCL_GROW_MIN, "abort": True, "split": True}
+        native = _native_children()
+        return {"shrink": native and ver >= NCCL_SHRINK_MIN, "grow": native and ver >= NCCL_GROW_MIN,
+                "abort": True, "split": True}

@@ -8,7 +8,7 @@ step body inside ``with step:``; launch with ``mnemo launch``. See the guide
 from mnemosyne.jit.__about__ import __version__
 from mnemosyne.jit.data import ResumableSampler
 from mnemosyne.jit.inject import FaultPlan, InjectedFault, parse_plans
-from mnemosyne.jit.runtime import EXIT_EXCEPTION, Job, Step, init
+from mnemosyne.jit.runtime import EXIT_EXCEPTION, Job, Step, init, joining
 
 __all__ = [
     "EXIT_EXCEPTION",
@@ -19,5 +19,6 @@ __all__ = [
     "Step",
     "__version__",
     "init",
+    "joining",
     "parse_plans",
 ]

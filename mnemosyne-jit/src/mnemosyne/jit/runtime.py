@@ -86,7 +86,7 @@ from mnemosyne.jit.agent import MNEMOSYNE_SHRINK
 from mnemosyne.jit.data import DataCursor, assign_data_ranks, loader_for_rank
 from mnemosyne.jit.inject import InjectedFault, Injector, parse_plans
 
-__all__ = ["EXIT_CKPT", "EXIT_EXCEPTION", "MNEMOSYNE_RESUME", "Job", "Step", "init"]
+__all__ = ["EXIT_CKPT", "EXIT_EXCEPTION", "MNEMOSYNE_RESUME", "Job", "Step", "init", "joining"]
 
 logger = logging.getLogger(__name__)
 
@@ -713,6 +713,21 @@ class Job:
         if self.proxy is not None:
             self.proxy.close()
         self.log.close()
+
+
+def joining() -> bool:
+    """Whether this process joins a job already running (a replacement or a grow-back newcomer).
+
+    Such a process gets every entry of its model's, optimizer's and scheduler's (and
+    ``extra``'s) ``state_dict`` from a healthy replica or its device proxy inside
+    :func:`init`, before its first step. It may therefore skip the weight
+    initialization, which for a large model is most of a replacement's start-up (1.27e9
+    parameters: ~12 s of CPU init, tools/bench/recovery.py on 2x H200): build the model on
+    the meta device and ``to_empty`` it onto its device. What is *not* in a
+    ``state_dict`` (non-persistent buffers, attributes) must still be computed as usual.
+    Can be called before :func:`init`; reads the launcher's environment only.
+    """
+    return (env_int(MNEMOSYNE_EPOCH, 0) or 0) > 0
 
 
 def init(model: torch.nn.Module, optimizer: torch.optim.Optimizer, **kwargs: Any) -> Job:

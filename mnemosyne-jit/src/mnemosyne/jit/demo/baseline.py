@@ -70,12 +70,13 @@ def main(argv: list[str] | None = None) -> None:
     with phase(log, "rendezvous"):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     world = dist.get_world_size()
-    with phase(log, "build"):
-        model, opt, sched, data = build(args, device)
-        ddp = DistributedDataParallel(model)
     ckpt_dir = Path(known.ckpt_dir)
     start = 0
     latest = _latest(ckpt_dir)
+    with phase(log, "build"):
+        # Restarting from a checkpoint: skip the weight init, as Mnemosyne's replacements do.
+        model, opt, sched, data = build(args, device, init_weights=latest is None)
+        ddp = DistributedDataParallel(model)
     if latest is not None:
         with phase(log, "load", step=latest[0]):
             msd, osd = get_state_dict(model, opt)

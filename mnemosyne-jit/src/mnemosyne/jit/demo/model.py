@@ -77,8 +77,12 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.layers))
         self.ln = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.vocab, bias=False)
-        self.head.weight = self.tok.weight
+        self.tie_weights()
         self.apply(self._init)
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the output head (again after ``to_empty``, which unties them)."""
+        self.head.weight = self.tok.weight
 
     @staticmethod
     def _init(m: nn.Module) -> None:

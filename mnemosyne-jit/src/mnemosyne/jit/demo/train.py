@@ -65,11 +65,24 @@ def pick_device(nproc: int, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def build(args: argparse.Namespace, device: torch.device) -> tuple[GPT, torch.optim.Optimizer, Any, MarkovTokens]:
-    """Model, optimizer, LR scheduler and dataset, identical on every rank."""
+def build(args: argparse.Namespace, device: torch.device, *,
+          init_weights: bool = True) -> tuple[GPT, torch.optim.Optimizer, Any, MarkovTokens]:
+    """Model, optimizer, LR scheduler and dataset, identical on every rank.
+
+    ``init_weights=False`` (a process whose state is about to be overwritten: a
+    replacement, see :func:`mnemosyne.jit.joining`, or a restart that loads a checkpoint)
+    allocates the model on ``device`` without initializing it; every tensor of this model
+    is in its state_dict (the causal mask is a persistent buffer).
+    """
     torch.manual_seed(args.seed)
     cfg = GPTConfig(vocab=args.vocab, block=args.block, layers=args.layers, heads=args.heads, dim=args.dim)
-    model = GPT(cfg).to(device)
+    if init_weights:
+        model = GPT(cfg).to(device)
+    else:
+        with torch.device("meta"):
+            model = GPT(cfg)
+        model = model.to_empty(device=device)
+        model.tie_weights()  # to_empty gives each parameter name its own tensor
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     warm = max(1, args.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
@@ -87,7 +100,8 @@ def main(argv: list[str] | None = None) -> None:
         (out / "started" / f"rank{rank}.{os.getpid()}").touch()
     device = pick_device(int(os.environ.get("MNEMOSYNE_WORLD_SIZE", "1")),
                          int(os.environ.get("MNEMOSYNE_LOCAL_RANK", "0")))
-    model, opt, sched, data = build(args, device)
+    # A replacement receives its whole state inside mj.init: no need to initialize it.
+    model, opt, sched, data = build(args, device, init_weights=not mj.joining())
 
     job = mj.init(model, opt, scheduler=sched, seed=args.seed, bucket_bytes=args.bucket_kb * 1024,
                   log_steps=args.log_steps)
