@@ -20,6 +20,20 @@ def test_capabilities_without_nccl4py_do_not_raise():
     assert set(caps) >= {"shrink", "grow"}
 
 
+def test_native_switch_is_off_by_default_and_checked(monkeypatch):
+    from mnemosyne.ccl.nccl import NATIVE_ENV, _native_children
+    from mnemosyne.core.errors import ConfigError
+
+    monkeypatch.delenv(NATIVE_ENV, raising=False)
+    assert not _native_children()
+    assert not NcclBackend.capabilities()["shrink"]
+    monkeypatch.setenv(NATIVE_ENV, "1")
+    assert _native_children()
+    monkeypatch.setenv(NATIVE_ENV, "yes")
+    with pytest.raises(ConfigError, match=NATIVE_ENV):
+        _native_children()
+
+
 def test_missing_nccl4py_names_the_install_line():
     try:
         import nccl.core  # noqa: F401
@@ -33,10 +47,14 @@ def test_missing_nccl4py_names_the_install_line():
 @pytest.mark.gpu
 @needs_gpus
 @pytest.mark.timeout(600)
-def test_nccl_bench_shrink_grow_on_gpus(tmp_path):
+@pytest.mark.parametrize("native", ["0", "1"], ids=["fresh-init", "native"])
+def test_nccl_bench_shrink_grow_on_gpus(tmp_path, native):
+    """The benchmark's rebuild/shrink/grow cycle on real GPUs; ``native``: ncclCommShrink (and
+    ncclCommGrow where the loaded NCCL has it) through nccl4py instead of fresh inits."""
     world = min(4, torch.cuda.device_count())
     out = tmp_path / "nccl.json"
-    env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1",
+               MNEMOSYNE_NCCL_NATIVE=native)
     proc = subprocess.run([sys.executable, "-m", "mnemosyne.ccl.bench", "--backend", "nccl", "--world", str(world),
                            "--repeats", "3", "--fresh-repeats", "1", "--json", str(out)],
                           env=env, capture_output=True, text=True, timeout=560)

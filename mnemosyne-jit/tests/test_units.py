@@ -250,3 +250,33 @@ def test_agreement_never_takes_a_reattached_rank_as_donor():
     assert (p.top, p.donors, p.receivers, p.partial) == (-1, [1], [0, 2, 3], [])
     with pytest.raises(RecoveryError, match=r"every member .* re-attached"):
         plan(4, {1: (4, True), 2: (4, True), 3: (4, True)}, 4, reattached=True)
+
+
+def test_joining_reads_the_start_epoch_and_names_a_bad_value(monkeypatch):
+    import mnemosyne.jit as mj
+    from mnemosyne.core.env import MNEMOSYNE_EPOCH
+
+    monkeypatch.delenv(MNEMOSYNE_EPOCH, raising=False)
+    assert not mj.joining()  # not launched by mnemo: a plain process starts the job
+    monkeypatch.setenv(MNEMOSYNE_EPOCH, "0")
+    assert not mj.joining()  # an initial rank
+    monkeypatch.setenv(MNEMOSYNE_EPOCH, "3")
+    assert mj.joining()  # started for epoch 3: a replacement or a grow-back newcomer
+    monkeypatch.setenv(MNEMOSYNE_EPOCH, "three")
+    with pytest.raises(ConfigError, match=MNEMOSYNE_EPOCH):
+        mj.joining()
+
+
+def test_demo_build_without_init_matches_the_initialised_layout():
+    """A replacement's uninitialised demo model has the same parameters, ties and optimizer groups."""
+    from mnemosyne.jit.demo.train import build, parse_args
+
+    args = parse_args(["--layers", "2", "--dim", "32", "--heads", "2", "--block", "16", "--vocab", "64"])
+    ref, ref_opt, _, _ = build(args, torch.device("cpu"))
+    model, opt, _, _ = build(args, torch.device("cpu"), init_weights=False)
+    assert model.head.weight is model.tok.weight
+    assert [(n, p.shape) for n, p in model.named_parameters()] == [(n, p.shape) for n, p in ref.named_parameters()]
+    assert list(model.state_dict()) == list(ref.state_dict())
+    assert [len(g["params"]) for g in opt.param_groups] == [len(g["params"]) for g in ref_opt.param_groups]
+    model.load_state_dict(ref.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values(), strict=True))
