@@ -2,8 +2,11 @@
 
 Writes, under mnemosyne-proxy/src/mnemosyne/proxy/_generated/:
 
-* ``messages.py`` -- one dataclass per struct and message with its binary codec, the frame
-  header, the id -> class table and ``encode_frame``/``decode_payload``.
+* ``messages.py`` -- one dataclass per request with its binary codec, the id -> class
+  table and ``encode_frame``/``decode_payload``; it re-exports every other class, so
+  callers import from it alone. ``replies.py``, ``records.py`` (log records) and
+  ``structs.py`` hold the other classes, ``_codec.py`` the frame constants and field
+  helpers.
 * ``stubs.py`` -- ``ClientStub`` (one typed method per request) and ``ServerDispatch``
   (one ``handle_*`` hook per request; requests that change state return the log record
   the dispatcher appends and applies before replying).
@@ -258,24 +261,100 @@ def _class(name: str, body: dict, is_message: bool) -> tuple[list[str], list[str
     return consts, lines
 
 
+HELPERS = ("_put_count", "_get_count", "_put_bytes", "_get_bytes", "_put_str", "_get_str", "_put_scalars",
+           "_get_scalars")
+PKG = "mnemosyne.proxy._generated"
+
+
+def _from(module: str, names: list[str]) -> str:
+    """``from module import names``, one name per line when it would not fit in 120 columns."""
+    line = f"from {module} import {', '.join(names)}"
+    if len(line) <= 120:
+        return line
+    return "\n".join([f"from {module} import (", *(f"    {n}," for n in names), ")"])
+
+
+def _classes(items: dict, is_message: bool) -> tuple[list[str], list[str]]:
+    consts: list[str] = []
+    lines: list[str] = []
+    for name, body in items.items():
+        c, cls_lines = _class(name, body, is_message)
+        consts += c
+        lines += cls_lines
+    return sorted(set(consts)), lines
+
+
+def _homes(spec: dict) -> dict[str, str]:
+    """Generated module of every struct and message."""
+    mods = {"request": "messages", "reply": "replies", "record": "records"}
+    return {**dict.fromkeys(spec.get("structs", {}), "structs"),
+            **{n: mods[m["kind"]] for n, m in spec.get("messages", {}).items()}}
+
+
+def _module(doc: str, items: dict, is_message: bool, homes: dict[str, str], extra_imports: list[str] = ()) -> list[str]:
+    """One module of generated classes, importing exactly the helpers and structs it uses."""
+    consts, lines = _classes(items, is_message)
+    body = "\n".join(lines)
+    out = [HEADER, f'"""{doc}"""', "", "from __future__ import annotations", ""]
+    if consts:
+        out.append("import struct")
+    out.append("from dataclasses import dataclass" + (", field" if "field(" in body else ""))
+    if is_message:
+        out.append("from typing import ClassVar")
+    out.append("")
+    out += extra_imports
+    helpers = [h for h in HELPERS if h + "(" in body]
+    if helpers:
+        out.append(_from(f"{PKG}._codec", helpers))
+    by_module: dict[str, list[str]] = {}
+    for n, mod in homes.items():  # classes of other modules that a field carries
+        if n not in items and f"{n}.decode_from(" in body:
+            by_module.setdefault(mod, []).append(n)
+    out += [_from(f"{PKG}.{mod}", sorted(names)) for mod, names in sorted(by_module.items())]
+    out += ["", "__all__ = [", *(f'    "{n}",' for n in sorted(items)), "]"]
+    if consts:
+        out += ["", *consts]
+    out += lines
+    return out
+
+
+def gen_codec(spec: dict) -> str:
+    out = [HEADER, '"""Frame constants and field codec helpers of the proxy protocol (generated)."""', "",
+           "from __future__ import annotations"]
+    out.append(RUNTIME.format(magic=spec["magic"].encode(), version=int(spec["version"])).rstrip("\n"))
+    out += ["", "", "__all__ = [", *(f'    "{n}",' for n in ("FRAME", "MAGIC", "MAX_PAYLOAD", "VERSION", *HELPERS)),
+            "]"]
+    return "\n".join(out) + "\n"
+
+
+def gen_group(spec: dict, kind: str | None) -> str:
+    """``structs.py`` (kind None), ``replies.py`` or ``records.py``: the classes of one kind."""
+    structs = spec.get("structs", {})
+    if kind is None:
+        return "\n".join(_module("Structs carried inside proxy messages (generated).", structs, False,
+                                 _homes(spec))) + "\n"
+    items = {n: m for n, m in spec["messages"].items() if m["kind"] == kind}
+    doc = {"reply": "Reply messages", "record": "Log record messages"}[kind] + " of the proxy protocol (generated)."
+    return "\n".join(_module(doc, items, True, _homes(spec))) + "\n"
+
+
 def gen_messages(spec: dict) -> str:
+    """``messages.py``: the requests, the id table, frame encode/decode; re-exports every class."""
     structs = spec.get("structs", {})
     messages = spec.get("messages", {})
-    out = [HEADER, '"""Proxy protocol messages and their binary codecs (generated)."""', "",
-           "from __future__ import annotations"]
-    out.append(RUNTIME.format(magic=spec["magic"].encode(), version=int(spec["version"])))
-    consts_all: list[str] = []
-    classes: list[str] = []
-    for name, body in structs.items():
-        c, lines = _class(name, body, False)
-        consts_all += c
-        classes += lines
-    for name, body in messages.items():
-        c, lines = _class(name, body, True)
-        consts_all += c
-        classes += lines
-    out += sorted(set(consts_all))
-    out += classes
+    requests = {n: m for n, m in messages.items() if m["kind"] == "request"}
+    others = {k: sorted(n for n, m in messages.items() if m["kind"] == k) for k in ("reply", "record")}
+    imports = [_from(f"{PKG}._codec", ["FRAME", "MAGIC", "MAX_PAYLOAD", "VERSION"])]
+    imports += [_from(f"{PKG}.{mod}", names) for mod, names in
+                (("records", others["record"]), ("replies", others["reply"]), ("structs", sorted(structs))) if names]
+    out = _module("Proxy protocol messages and their binary codecs (generated).\n\nThe requests are here; replies, "
+                  "log records and structs are in their own modules and re-exported.", requests, True,
+                  {n: mod for n, mod in _homes(spec).items() if mod == "messages"},
+                  ["from mnemosyne.core.errors import ProtocolError", *imports])
+    if "import struct" not in out:
+        out.insert(out.index("from __future__ import annotations") + 2, "import struct")
+    start = out.index("__all__ = [")  # messages.py's __all__ (every name) comes last
+    del out[start - 1:out.index("]", start) + 1]
     names = list(messages)
     out += ["", "", f"Message = {' | '.join(names)}", ""]
     out.append("#: Every message class by id.")
@@ -430,6 +509,10 @@ def render(spec_path: Path = SPEC, out: Path = OUT) -> dict[Path, str]:
     return {
         out / "__init__.py": HEADER + '"""Generated proxy protocol modules; see the spec named above."""\n',
         out / "messages.py": gen_messages(spec),
+        out / "_codec.py": gen_codec(spec),
+        out / "structs.py": gen_group(spec, None),
+        out / "replies.py": gen_group(spec, "reply"),
+        out / "records.py": gen_group(spec, "record"),
         out / "stubs.py": gen_stubs(spec),
     }
 
