@@ -44,6 +44,7 @@ from mnemosyne.ccl._base import FlexCommunicator, advance_epoch, agree_members, 
 from mnemosyne.core.comm import CommBackend, ReduceOp
 from mnemosyne.core.env import env_int
 from mnemosyne.core.errors import CommAborted, CommError, ConfigError, MissingDependencyError
+from mnemosyne.core.files import private_dir
 from mnemosyne.core.store import Store
 
 __all__ = ["NATIVE_ENV", "NCCL_GROW_MIN", "NCCL_SHRINK_MIN", "NcclBackend", "NcclCommunicator", "nccl_version"]
@@ -112,8 +113,9 @@ class _TopoCache:
     def __init__(self, root: str | None) -> None:
         base = root or os.environ.get("MNEMOSYNE_NCCL_CACHE") or os.path.join(
             tempfile.gettempdir(), f"mnemosyne-nccl-{os.getuid()}")
-        self.root = Path(base)
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # NCCL reads its topology back from here: a folder planted by another user under a
+        # shared /tmp could feed it a forged one, so only our own 0700 folder is used.
+        self.root = private_dir(base, "NCCL topology cache")
 
     def topo(self) -> Path:
         return self.root / "topo.xml"

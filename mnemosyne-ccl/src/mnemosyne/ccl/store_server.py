@@ -35,6 +35,7 @@ import logging
 import os
 import secrets
 import signal
+import stat
 import sys
 import threading
 import time
@@ -417,15 +418,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "default: MNEMOSYNE_TOKEN, else a fresh token printed once")
 
 
+def _read_token_file(path: str) -> str:
+    """Read a token file the way ``mnemo launch --token-file`` does: a regular, owner-only file.
+
+    Raises:
+        ConfigError: Not a regular file, readable by group/others, unreadable or empty.
+    """
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        msg = f"--token-file {path}: cannot read it ({exc.strerror or exc})"
+        raise ConfigError(msg) from None
+    if not stat.S_ISREG(st.st_mode):
+        msg = f"--token-file {path}: not a regular file (expected a file holding the job's token)"
+        raise ConfigError(msg)
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        msg = (f"--token-file {path}: mode {stat.S_IMODE(st.st_mode):o} lets other users read the job's token; "
+               "chmod 600 it")
+        raise ConfigError(msg)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            token = fh.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        msg = f"--token-file {path}: cannot read it ({exc})"
+        raise ConfigError(msg) from None
+    if not token:
+        msg = f"--token-file {path}: the file is empty (expected the job's shared token)"
+        raise ConfigError(msg)
+    return token
+
+
 def _read_or_make_token(path: str | None) -> tuple[str, bool]:
     if path:
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as fh:
-                token = fh.read().strip()
-            if not token:
-                msg = f"token file {path} is empty"
-                raise ConfigError(msg)
-            return token, False
+        if os.path.lexists(path):
+            return _read_token_file(path), False
         token = secrets.token_hex(16)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, entry_points, version
 
 from mnemosyne.core.env import MNEMOSYNE_LOG_LEVEL
-from mnemosyne.core.errors import MnemosyneError
+from mnemosyne.core.errors import ConfigError, MnemosyneError
 
 __all__ = ["COMMANDS_ENTRY_POINT", "COMPONENTS", "build_parser", "installed_components", "main"]
 
@@ -73,8 +73,19 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     return parser, broken
 
 
+_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+
+
 def _configure_logging(verbose: int) -> None:
+    """Configure the root logger.
+
+    Raises:
+        ConfigError: ``MNEMOSYNE_LOG_LEVEL`` names no logging level.
+    """
     level = os.environ.get(MNEMOSYNE_LOG_LEVEL) or ("DEBUG" if verbose > 1 else "INFO" if verbose else "WARNING")
+    if level.upper() not in _LEVELS:
+        msg = f"environment variable {MNEMOSYNE_LOG_LEVEL}={level!r}: expected one of {', '.join(_LEVELS)}"
+        raise ConfigError(msg)
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
@@ -82,7 +93,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``mnemo``; return the exit code."""
     parser, broken = build_parser()
     args = parser.parse_args(argv)
-    _configure_logging(args.verbose)
+    try:
+        _configure_logging(args.verbose)
+    except ConfigError as exc:
+        print(f"mnemo: error: {exc}", file=sys.stderr)
+        return 2
     for name, why in broken.items():
         logger.warning("command plugin %r could not be loaded: %s", name, why)
     if args.command is None:

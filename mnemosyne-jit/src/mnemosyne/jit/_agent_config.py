@@ -7,24 +7,39 @@ build and check a configuration without the supervisor.
 from __future__ import annotations
 
 import os
+import re
 import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mnemosyne.core.env import MNEMOSYNE_JOB_ID, MNEMOSYNE_TOKEN, env_str
+from mnemosyne.core.env import (
+    MNEMOSYNE_HANG_TIMEOUT,
+    MNEMOSYNE_INJECT,
+    MNEMOSYNE_JOB_ID,
+    MNEMOSYNE_TOKEN,
+    env_float,
+    env_str,
+)
 from mnemosyne.core.errors import ConfigError
+from mnemosyne.core.files import private_dir
 from mnemosyne.jit._store import parse_addr
 
-__all__ = ["AgentConfig", "check_config", "job_info_dir", "read_token_file"]
+__all__ = ["AgentConfig", "check_config", "check_job_id", "job_info_dir", "read_token_file"]
 
 
 def job_info_dir() -> Path:
-    """Folder where running jobs publish their store address for ``mnemo inject`` (mode 0700)."""
+    """Folder where running jobs publish their store address for ``mnemo inject`` (mode 0700).
+
+    The folder holds job tokens. Under a shared ``/tmp`` another user may have created it
+    first: one that is not this user's own, mode 0700, is refused (see
+    :func:`mnemosyne.core.files.private_dir`).
+
+    Raises:
+        ConfigError: The folder exists but belongs to another user or is open to others.
+    """
     base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
-    path = Path(base) / f"mnemosyne-{os.getuid()}"
-    path.mkdir(mode=0o700, exist_ok=True)
-    return path
+    return private_dir(Path(base) / f"mnemosyne-{os.getuid()}", "job info folder")
 
 
 def read_token_file(path: str) -> str:
@@ -131,8 +146,12 @@ def check_config(config: AgentConfig) -> None:
         problems.append(f"--node-rank must be in [0, {config.nnodes}), got {config.node_rank}")
     if not config.command:
         problems.append("no training script given: mnemo launch [options] script.py [args...]")
+    problems += _check_values(config)
     if config.master is not None:
-        parse_addr(config.master)
+        try:
+            parse_addr(config.master)
+        except ConfigError as exc:
+            problems.append(f"--master: {exc}")
     if config.nnodes > 1:
         if config.master is None:
             problems.append("--nnodes > 1 needs --master HOST:PORT (where node 0's agent hosts the store)")
@@ -143,3 +162,63 @@ def check_config(config: AgentConfig) -> None:
                             "(mode 600) or MNEMOSYNE_TOKEN")
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+# A job id names files (``<job>.json``, ``mnemo-events/<job>.jsonl``), store namespaces and
+# socket folders: no separators, no leading dot, nothing a shell or a path would reinterpret.
+_JOB_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+
+
+def check_job_id(job_id: str, where: str = "--job-id") -> None:
+    """Refuse a job id that is not a plain file name (``../..``, ``a/b``, empty, too long).
+
+    Raises:
+        ConfigError: Naming the id and the characters allowed.
+    """
+    if not _JOB_ID.fullmatch(job_id):
+        msg = (f"{where} {job_id!r}: expected 1-128 characters of letters, digits, '_', '.' and '-', "
+               "not starting with '.' or '-' (the id names files and store keys)")
+        raise ConfigError(msg)
+
+
+def _check_values(config: AgentConfig) -> list[str]:
+    """Ranges of the numeric options, the job id, the fault plans and ``MNEMOSYNE_HANG_TIMEOUT``."""
+    problems = []
+    if config.hang_timeout is not None and not config.hang_timeout > 0:
+        problems.append(f"--hang-timeout must be > 0 seconds, got {config.hang_timeout:g} "
+                        "(every rank would count as hung at once)")
+    try:
+        env_hang = env_float(MNEMOSYNE_HANG_TIMEOUT)
+    except ConfigError as exc:
+        problems.append(str(exc))
+        env_hang = None
+    if config.hang_timeout is None and env_hang is not None and not env_hang > 0:
+        problems.append(f"environment variable {MNEMOSYNE_HANG_TIMEOUT}={env_hang:g}: must be > 0 seconds")
+    if config.max_restarts < 0:
+        problems.append(f"--max-restarts must be >= 0, got {config.max_restarts}")
+    if not config.node_timeout > 0:
+        problems.append(f"--node-timeout must be > 0 seconds, got {config.node_timeout:g}")
+    for name in ("hang_floor", "liveness_timeout", "startup_timeout", "poll"):
+        value = getattr(config, name)
+        if not value > 0:
+            problems.append(f"{name} must be > 0 seconds, got {value:g}")
+    for job_id, where in ((config.job_id, "--job-id"), (env_str(MNEMOSYNE_JOB_ID), MNEMOSYNE_JOB_ID)):
+        if job_id is not None:
+            try:
+                check_job_id(job_id, where)
+            except ConfigError as exc:
+                problems.append(str(exc))
+            break
+    plans = config.env.get(MNEMOSYNE_INJECT)
+    if plans:
+        from mnemosyne.jit.inject import parse_plans
+
+        world = config.nproc * config.nnodes
+        try:
+            for plan in parse_plans(plans):
+                if plan.rank >= world > 0:
+                    problems.append(f"--inject {plan.to_text()!r}: rank {plan.rank} is not in this job "
+                                    f"(ranks 0..{world - 1})")
+        except ConfigError as exc:
+            problems.append(f"--inject: {exc}")
+    return problems

@@ -36,11 +36,14 @@ def parse_addr(addr: str) -> tuple[str, int]:
     """Split ``host:port``.
 
     Raises:
-        ConfigError: ``addr`` is not ``host:port`` with an integer port.
+        ConfigError: ``addr`` is not ``host:port`` with a port in 0..65535.
     """
     host, sep, port = addr.rpartition(":")
     if not sep or not host or not port.isdigit():
         msg = f"store address {addr!r}: expected host:port"
+        raise ConfigError(msg)
+    if not 0 <= int(port) <= 65535:
+        msg = f"store address {addr!r}: port {int(port)} is outside 0..65535"
         raise ConfigError(msg)
     return host, int(port)
 

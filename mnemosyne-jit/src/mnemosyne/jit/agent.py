@@ -64,6 +64,7 @@ from mnemosyne.core.env import (
 )
 from mnemosyne.core.errors import MnemosyneError
 from mnemosyne.core.events import Event, EventKind, EventLog
+from mnemosyne.core.files import write_private
 from mnemosyne.core.membership import Membership
 from mnemosyne.core.store import Store
 from mnemosyne.jit import _keys
@@ -142,6 +143,8 @@ class Agent:
 
     def __init__(self, config: AgentConfig, on_tick: Callable[[Agent], None] | None = None) -> None:
         check_config(config)
+        if config.node_rank == 0:
+            job_info_dir()  # a folder taken over by another user is refused before anything starts
         self.config = config
         self.on_tick = on_tick
         self.node = config.node_rank
@@ -518,9 +521,8 @@ class Agent:
         body = {"job": self.job_id, "store": self.store_addr, "store_kind": self.store_kind,
                 "token": self.token, "pid": os.getpid(), "nproc": self.config.nproc, "nnodes": self.config.nnodes,
                 "event_log": self.event_log_path, "started": time.time()}
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(body, fh)
+        # A fresh O_EXCL|O_NOFOLLOW file renamed into place: never a file planted there.
+        write_private(path, json.dumps(body).encode())
         self._info_file = path
 
     def run(self) -> int:

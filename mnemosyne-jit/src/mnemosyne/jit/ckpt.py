@@ -179,7 +179,10 @@ def write(path: str | os.PathLike[str], state: Any, *, step: int, rank: int, wor
     # The first writer to arrive names the staging directory; the others adopt its id.
     sid = store.compare_set("id", b"", uuid.uuid4().hex[:12].encode()).decode()
     staging = final.with_name(f"{final.name}{STAGING_MARK}{sid}")
-    staging.mkdir(parents=True, exist_ok=True)
+    # Model and optimizer state: owner-only. The files DCP writes inside follow the umask,
+    # but nobody else can enter a 0700 directory (the final one keeps the mode on rename).
+    final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    staging.mkdir(exist_ok=True, mode=0o700)
     sub = f"shard-{rank:05d}"
     mine = {n: tensors[n].detach() for n in names if owner[n] == rank}
     if mine:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mnemosyne.core.errors import CorruptStateError
+from mnemosyne.core.errors import ConfigError, CorruptStateError
 
 __all__ = [
     "Event",
@@ -129,6 +129,9 @@ class EventLog:
         job: Job id stamped on every event.
         rank: Writer's logical rank (-1 for agents and tools).
         epoch: Writer's current membership epoch; update the attribute as it changes.
+
+    Raises:
+        ConfigError: The file cannot be created (names the path and why).
     """
 
     def __init__(self, path: str | os.PathLike[str] | None, job: str = "", rank: int = -1, epoch: int = 0) -> None:
@@ -140,8 +143,15 @@ class EventLog:
         self._lock = threading.Lock()
         self._fd: int | None = None
         if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            # Events name the store address and the model's layout: owner-only (0600, new
+            # folders 0700), like every other file of a job.
+            try:
+                if not self.path.parent.is_dir():
+                    self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                msg = f"event log {self.path}: cannot create it ({exc.strerror or exc})"
+                raise ConfigError(msg) from None
 
     def emit(self, kind: str, name: str, duration_s: float | None = None, **fields: Any) -> Event:
         """Write one event and return it."""
