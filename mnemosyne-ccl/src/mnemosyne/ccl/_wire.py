@@ -71,6 +71,9 @@ def decode_header(raw: bytes) -> dict[str, Any]:
     except ValueError as exc:
         msg = f"malformed store frame header (not JSON): {exc}"
         raise ProtocolError(msg) from None
+    except RecursionError:
+        msg = "malformed store frame header: JSON nested too deeply"
+        raise ProtocolError(msg) from None
     if not isinstance(header, dict):
         msg = f"malformed store frame header: expected a JSON object, got {type(header).__name__}"
         raise ProtocolError(msg)

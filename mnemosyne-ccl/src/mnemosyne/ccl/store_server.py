@@ -62,6 +62,23 @@ DEFAULT_PORT = 29700
 # A blocking get/wait without a timeout still ends: a client that vanished must not pin
 # a waiter forever. Clients always send their own, shorter, timeout.
 _MAX_WAIT_S = 3600.0
+#: Seconds a new connection has to complete its hello; a silent one is closed after it.
+HELLO_TIMEOUT = 3.0
+#: Largest header of a frame before the hello was accepted (a hello is ~200 bytes and has
+#: no body): nothing large is ever read from an unauthenticated peer.
+MAX_PREAUTH_HEADER = 4096
+#: Connections served at once; more are closed at accept.
+MAX_CONNECTIONS = 1000
+#: Connections of one peer address still in their hello; a newer one evicts the oldest,
+#: so a flood cannot keep a legitimate client of the same host out.
+MAX_PREAUTH_PER_PEER = 64
+#: Seconds a connection may stay idle between requests (None: forever), and a frame may
+#: take to arrive once its first bytes came.
+IDLE_TIMEOUT = 3600.0
+FRAME_TIMEOUT = 30.0
+# add amounts beyond int64 are refused (as torch's store does); bigger ints would also be
+# slow to format.
+_MAX_ADD = 1 << 63
 
 
 @dataclass
@@ -133,6 +150,12 @@ class StoreServer:
         port: Port to bind; 0 picks a free one (read :attr:`port` after :meth:`start`).
         jobs: Job id -> token for every job this server accepts. More can be added with
             :meth:`add_job`.
+        hello_timeout: Seconds a connection has to complete its hello.
+        idle_timeout: Seconds an authenticated connection may wait between requests
+            (None: no limit).
+        max_connections: Connections served at once (more are closed at accept).
+        max_preauth_per_peer: Unauthenticated connections per peer address; a newer one
+            evicts the oldest.
 
     Example:
         >>> srv = StoreServer(jobs={"j": "secret"}).start()
@@ -141,9 +164,16 @@ class StoreServer:
         >>> srv.stop()
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, jobs: dict[str, str] | None = None) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, jobs: dict[str, str] | None = None, *,
+                 hello_timeout: float = HELLO_TIMEOUT, idle_timeout: float | None = IDLE_TIMEOUT,
+                 max_connections: int = MAX_CONNECTIONS, max_preauth_per_peer: int = MAX_PREAUTH_PER_PEER) -> None:
         self.host = host
         self.port = port
+        self.hello_timeout = hello_timeout
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.max_preauth_per_peer = max_preauth_per_peer
+        self._preauth: dict[str, list[asyncio.StreamWriter]] = {}
         self._jobs: dict[str, _Job] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.AbstractServer | None = None
@@ -257,33 +287,106 @@ class StoreServer:
 
     # -- protocol ----------------------------------------------------------------
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _admit(self, writer: asyncio.StreamWriter) -> str | None:
+        """Register a new connection; return its peer host, or None when it was refused."""
+        peer = writer.get_extra_info("peername")
+        host = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+        if len(self._writers) >= self.max_connections:
+            logger.warning("store: refusing a connection from %s: %d connections open (max %d)", host,
+                           len(self._writers), self.max_connections)
+            writer.close()
+            return None
+        waiting = self._preauth.setdefault(host, [])
+        if len(waiting) >= self.max_preauth_per_peer:
+            oldest = waiting.pop(0)  # a flood must not keep a legitimate client out: evict its oldest
+            logger.warning("store: %s has %d connections without a hello; closing the oldest", host, len(waiting) + 1)
+            oldest.close()
+        waiting.append(writer)
         self._writers.add(writer)
+        return host
+
+    def _authed(self, host: str, writer: asyncio.StreamWriter) -> None:
+        waiting = self._preauth.get(host, [])
+        if writer in waiting:
+            waiting.remove(writer)
+        if not waiting:
+            self._preauth.pop(host, None)
+
+    async def _read_frame(self, reader: asyncio.StreamReader, conn: _Conn) -> tuple[dict[str, Any], bytes] | None:
+        """One frame, under the connection's deadlines; None when the client closed.
+
+        Before the hello the whole frame must arrive within ``hello_timeout`` and be small;
+        after it, the first bytes within ``idle_timeout`` and the rest within FRAME_TIMEOUT.
+
+        Raises:
+            ProtocolError: Malformed, too large, or too slow.
+        """
+        authed = conn.job is not None
+        first = None if authed and self.idle_timeout is None else (self.idle_timeout if authed else
+                                                                     self.hello_timeout)
+        try:
+            prefix = await asyncio.wait_for(reader.readexactly(_wire.PREFIX_SIZE), first)
+        except asyncio.IncompleteReadError as exc:
+            if exc.partial:
+                msg = f"store frame truncated: {len(exc.partial)} of {_wire.PREFIX_SIZE} prefix bytes"
+                raise ProtocolError(msg) from None
+            return None
+        except asyncio.TimeoutError:
+            what = "idle" if authed else "silent before its hello"
+            msg = f"store connection {what} for {first:g} s; closing it"
+            raise ProtocolError(msg) from None
+        hlen, blen = _wire.check_prefix(prefix)
+        if not authed and (hlen > MAX_PREAUTH_HEADER or blen):
+            msg = (f"store frame of {hlen} + {blen} B before hello: an unauthenticated connection may send "
+                   f"only a hello (header <= {MAX_PREAUTH_HEADER} B, no body)")
+            raise ProtocolError(msg)
+        rest = self.hello_timeout if not authed else FRAME_TIMEOUT
+        try:
+            raw = await asyncio.wait_for(reader.readexactly(hlen + blen), rest)
+        except asyncio.IncompleteReadError as exc:
+            msg = f"store frame truncated: {len(exc.partial)} of {hlen + blen} bytes"
+            raise ProtocolError(msg) from None
+        except asyncio.TimeoutError:
+            msg = f"store frame of {hlen + blen} B did not arrive within {rest:g} s"
+            raise ProtocolError(msg) from None
+        return _wire.decode_header(raw[:hlen]), raw[hlen:]
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        host = self._admit(writer)
+        if host is None:
+            return
         conn = _Conn()
         try:
             while True:
                 try:
-                    prefix = await reader.readexactly(_wire.PREFIX_SIZE)
-                except asyncio.IncompleteReadError:
-                    return  # client closed
-                try:
-                    hlen, blen = _wire.check_prefix(prefix)
-                    header = _wire.decode_header(await reader.readexactly(hlen))
-                    body = await reader.readexactly(blen) if blen else b""
-                    answer, out = await self._dispatch(conn, header, body)
+                    frame = await self._read_frame(reader, conn)
+                    if frame is None:
+                        return  # client closed
+                    was_authed = conn.job is not None
+                    answer, out = await self._dispatch(conn, *frame)
+                    if not was_authed and conn.job is not None:
+                        self._authed(host, writer)
                 except (ProtocolError, StaleEpochError) as exc:
-                    # Foreign, malformed or fenced-off peer: answer once, then hang up.
+                    # Foreign, malformed, slow or fenced-off peer: answer once, then hang up.
                     writer.write(_wire.encode(_err(exc)))
-                    await writer.drain()
-                    logger.warning("store: closing connection from %s: %s", writer.get_extra_info("peername"), exc)
+                    await asyncio.wait_for(writer.drain(), FRAME_TIMEOUT)
+                    logger.warning("store: closing connection from %s: %s", host, exc)
                     return
                 except MnemosyneError as exc:
                     answer, out = _err(exc), b""
+                except (asyncio.CancelledError, ConnectionError):
+                    raise
+                except Exception as exc:  # a bug or an odd request must never kill the server's handler
+                    logger.exception("store: request from %s failed", host)
+                    writer.write(_wire.encode(_err(StoreError(f"internal error: {type(exc).__name__}: {exc}"))))
+                    await asyncio.wait_for(writer.drain(), FRAME_TIMEOUT)
+                    return
                 writer.write(_wire.encode(answer, out))
-                await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
+                await asyncio.wait_for(writer.drain(), FRAME_TIMEOUT)
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError):
             return
         finally:
+            self._authed(host, writer)
             self._writers.discard(writer)
             writer.close()
 
@@ -310,10 +413,14 @@ class StoreServer:
             return {"ok": True}, data[key]
         if op == "add":
             key = _str_field(req, "key")
+            amount = _int_field(req, "amount")
+            if not -_MAX_ADD <= amount < _MAX_ADD:
+                msg = f"store add on key {key!r}: an amount of {amount.bit_length()} bits is outside the 64-bit range"
+                raise StoreError(msg)
             try:
-                value = int(data.get(key, b"0")) + _int_field(req, "amount")
+                value = int(data.get(key, b"0")) + amount
             except ValueError:
-                msg = f"store add on key {key!r}: the stored value {data[key][:40]!r} is not an integer"
+                msg = f"store add on key {key!r}: the stored value {data.get(key, b'')[:40]!r} is not an integer"
                 raise StoreError(msg) from None
             data[key] = str(value).encode()
             job.changed()
