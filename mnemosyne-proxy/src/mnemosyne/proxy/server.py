@@ -20,6 +20,7 @@ that dies closes its connection) and at shutdown.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hmac
 import logging
 import os
@@ -35,6 +36,7 @@ from typing import Any
 
 from mnemosyne.core.errors import AuthError, ConfigError, MnemosyneError, ProtocolError, StateError
 from mnemosyne.proxy._generated.messages import (
+    FRAME,
     Allocate,
     AllocateReply,
     BeginUpdate,
@@ -71,16 +73,18 @@ from mnemosyne.proxy._generated.messages import (
     Table,
     TableReply,
     Welcome,
+    decode_payload,
+    parse_header,
 )
 from mnemosyne.proxy._generated.stubs import ServerDispatch
-from mnemosyne.proxy._wire import PeerClosed, recv_frame, send_frame
+from mnemosyne.proxy._wire import PeerClosed, send_frame
 from mnemosyne.proxy.arena import Arena, load_arena
 from mnemosyne.proxy.errors import ProxyError, error_code
 from mnemosyne.proxy.journal import Journal
 from mnemosyne.proxy.markers import PAGE_SIZE, MarkerPage, pack, unpack
 from mnemosyne.proxy.table import HandleTable
 
-__all__ = ["COMPACT_EVERY", "ROLES", "ProxyServer"]
+__all__ = ["COMPACT_EVERY", "HELLO_TIMEOUT", "LOCK_NAME", "ROLES", "ProxyServer"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +95,14 @@ _PEER_REQUESTS = (Hello, Map, Table, Status, Checksum, Read)
 COMPACT_EVERY = 100_000
 #: Largest chunk a network peer may read at once.
 MAX_READ = 16 * 1024 * 1024
+#: Seconds one frame may take to arrive once its first byte came (and a reply to leave).
 _FRAME_TIMEOUT = 10.0
+#: Seconds a new connection has to send its Hello.
+HELLO_TIMEOUT = 5.0
+#: Largest frame payload before the Hello was accepted (a Hello is well under 1 KiB).
+MAX_PREAUTH_PAYLOAD = 4096
+#: Lock file held by the proxy serving a state directory.
+LOCK_NAME = "proxy.lock"
 
 
 @dataclass
@@ -102,6 +113,10 @@ class _Conn:
     role: str = ""
     pid: int = 0
     fds_out: list[int] = field(default_factory=list)
+    # Bytes received but not yet a whole frame: the loop reads what is there and moves on,
+    # so a client that sends a frame byte by byte never blocks another client.
+    buf: bytearray = field(default_factory=bytearray)
+    since: float = field(default_factory=time.monotonic)  # accepted, or first byte of the pending frame
 
 
 class ProxyServer(ServerDispatch):
@@ -124,7 +139,13 @@ class ProxyServer(ServerDispatch):
                  host_capacity: int = 1 << 20) -> None:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        owner = os.lstat(self.state_dir).st_uid
+        if owner != os.getuid() or self.state_dir.is_symlink():
+            msg = (f"proxy state directory {self.state_dir} belongs to uid {owner} (or is a symlink); the proxy "
+                   f"runs as uid {os.getuid()} and keeps its token there: use a directory of your own")
+            raise ConfigError(msg)
         os.chmod(self.state_dir, 0o700)
+        self._lock_fd = self._lock_state_dir()
         self.socket_path = self.state_dir / "proxy.sock"
         self.job = job
         self.token = self._load_token(token)
@@ -145,6 +166,26 @@ class ProxyServer(ServerDispatch):
         self._marks_seen = (0, 0)
 
     # ---- lifecycle -----------------------------------------------------------------------
+    def _lock_state_dir(self) -> int:
+        """Hold ``state_dir/proxy.lock`` (flock) for the proxy's life: one proxy per directory.
+
+        Raises:
+            ConfigError: Another live proxy holds it (names its pid).
+        """
+        path = self.state_dir / LOCK_NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            msg = (f"another proxy (pid {holder}) already serves {self.state_dir}; stop it or give this one "
+                   "another --state-dir (two proxies would fight over its socket and log)")
+            raise ConfigError(msg) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
+
     def _load_token(self, token: str | None) -> str:
         path = self.state_dir / "token"
         if token:
@@ -224,6 +265,7 @@ class ProxyServer(ServerDispatch):
                         self._accept(key.fileobj, data)  # type: ignore[arg-type]
                     else:
                         self._serve_one(data)
+                self._expire(time.monotonic())
         finally:
             self.close()
 
@@ -248,6 +290,9 @@ class ProxyServer(ServerDispatch):
         if self.arena is not None:
             self.arena.close()
             self.arena = None
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = -1
 
     # ---- connections ---------------------------------------------------------------------
     def _accept(self, lsock: socket.socket, unix: bool) -> None:
@@ -269,23 +314,72 @@ class ProxyServer(ServerDispatch):
         self._sel.register(sock, selectors.EVENT_READ, ("conn", _Conn(sock, unix)))
 
     def _drop(self, conn: _Conn) -> None:
+        if conn.sock.fileno() < 0:
+            return  # already dropped
         self._sel.unregister(conn.sock)
         conn.sock.close()
         if conn.role == "trainer":  # it may have died: record where its markers stand
             self.sync_markers()
 
+    def _expire(self, now: float) -> None:
+        """Drop connections whose Hello or pending frame is overdue (slow or silent peers)."""
+        for key in list(self._sel.get_map().values()):
+            kind, conn = key.data
+            if kind != "conn":
+                continue
+            if not conn.authed and now - conn.since > HELLO_TIMEOUT:
+                why = f"no Hello within {HELLO_TIMEOUT:g} s"
+            elif conn.buf and now - conn.since > _FRAME_TIMEOUT:
+                why = f"a frame took more than {_FRAME_TIMEOUT:g} s ({len(conn.buf)} bytes so far)"
+            else:
+                continue
+            logger.warning("dropping a %s connection: %s", "unix" if conn.unix else "tcp", why)
+            self._reply_error(conn, 0, ProtocolError(why))
+            self._drop(conn)
+
+    def _reject(self, conn: _Conn, exc: ProtocolError) -> None:
+        # A foreign or garbled stream cannot be resynchronised: answer once, hang up.
+        logger.warning("rejected a malformed message from %s: %s", "unix" if conn.unix else "tcp", exc)
+        self._reply_error(conn, 0, exc)
+        self._drop(conn)
+
     def _serve_one(self, conn: _Conn) -> None:
+        """Read what the socket holds; handle every whole frame it completes."""
         try:
-            request, rid, _ = recv_frame(conn.sock)
-        except PeerClosed:
+            data = conn.sock.recv(1 << 20, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
             self._drop(conn)
             return
-        except (ProtocolError, TimeoutError) as exc:
-            # A foreign or garbled stream cannot be resynchronised: answer once, hang up.
-            logger.warning("rejected a malformed message from %s: %s", "unix" if conn.unix else "tcp", exc)
-            self._reply_error(conn, 0, exc if isinstance(exc, ProtocolError) else ProtocolError(str(exc)))
-            self._drop(conn)
+        if not data:
+            if conn.buf:
+                self._reject(conn, ProtocolError(f"connection closed mid-frame ({len(conn.buf)} bytes)"))
+            else:
+                self._drop(conn)
             return
+        if not conn.buf:
+            conn.since = time.monotonic() if conn.authed else conn.since
+        conn.buf += data
+        while len(conn.buf) >= FRAME.size and conn.sock.fileno() >= 0:
+            try:
+                msg_id, rid, length = parse_header(bytes(conn.buf[:FRAME.size]))
+                if not conn.authed and length > MAX_PREAUTH_PAYLOAD:
+                    msg = (f"a {length}-byte message before Hello: an unauthenticated connection may only send "
+                           f"Hello (at most {MAX_PREAUTH_PAYLOAD} bytes)")
+                    raise ProtocolError(msg)
+                if len(conn.buf) < FRAME.size + length:
+                    return  # the rest comes later (under the frame deadline)
+                payload = bytes(conn.buf[FRAME.size:FRAME.size + length])
+                del conn.buf[:FRAME.size + length]
+                request = decode_payload(msg_id, payload)
+            except ProtocolError as exc:
+                self._reject(conn, exc)
+                return
+            conn.since = time.monotonic()
+            self._handle_request(conn, request, rid)
+
+    def _handle_request(self, conn: _Conn, request: Message, rid: int) -> None:
         try:
             self._authorize(conn, request)
             reply = self.dispatch(request, conn)
