@@ -193,3 +193,13 @@ def test_fuzzed_frames_get_a_clean_error_and_the_server_keeps_serving(server, fr
         except ConnectionError:
             pass  # closed by the server after its answer, or nothing to answer
     assert json.loads(json.dumps({"alive": StoreClient(server.address, "j", "t", timeout=3).add("alive", 1)}))
+
+
+def test_mnemo_store_reads_a_token_file_like_launch(tmp_path):
+    loose = tmp_path / "loose"
+    loose.write_text("tok\n")
+    loose.chmod(0o644)
+    for path, expect in ((tmp_path, "not a regular file"), (loose, "mode 644 lets other users read")):
+        res = subprocess.run([sys.executable, "-m", "mnemosyne.cli", "store", "--port", "0", "--job", "j",
+                              "--token-file", str(path)], capture_output=True, text=True, timeout=30)
+        assert res.returncode == 1 and expect in res.stderr and "Traceback" not in res.stderr, res.stderr

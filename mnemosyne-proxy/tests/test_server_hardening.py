@@ -8,6 +8,8 @@ of the frame decoder.
 import contextlib
 import socket
 import struct
+import subprocess
+import sys
 import time
 
 import pytest
@@ -127,3 +129,13 @@ def test_fuzzed_frames_get_a_clean_error_and_the_proxy_keeps_serving(proxy, fram
         assert reply is None or isinstance(reply, m.Message)
     with ProxyClient(proxy.socket, token="secret", job="job") as c:
         c.status()
+
+
+@pytest.mark.parametrize(("args", "expect"), [
+    (["--size", "100T"], "pick a smaller --size"),
+    (["--peer-listen", "nonsense"], "--peer-listen 'nonsense': expected HOST:PORT"),
+])
+def test_bad_proxy_options_are_a_clear_error(tmp_path, args, expect):
+    res = subprocess.run([sys.executable, "-m", "mnemosyne.cli", "proxy", "--state-dir", str(tmp_path / "s"), *args],
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 1 and expect in res.stderr and "Traceback" not in res.stderr, res.stderr

@@ -105,6 +105,19 @@ MAX_PREAUTH_PAYLOAD = 4096
 LOCK_NAME = "proxy.lock"
 
 
+def _split_listen(where: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT``) of ``--peer-listen``.
+
+    Raises:
+        ConfigError: Not ``HOST:PORT`` with a port in 0..65535.
+    """
+    host, sep, port = where.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        msg = f"--peer-listen {where!r}: expected HOST:PORT with a port in 0..65535 (e.g. 127.0.0.1:0)"
+        raise ConfigError(msg)
+    return host.strip("[]"), int(port)
+
+
 @dataclass
 class _Conn:
     sock: socket.socket
@@ -154,6 +167,8 @@ class ProxyServer(ServerDispatch):
         self.device = device
         self.host_capacity = host_capacity
         self.peer_listen = peer_listen
+        if peer_listen is not None:
+            _split_listen(peer_listen)  # refuse a bad address before any file is touched
         self.journal = Journal(self.state_dir / "proxy.log")
         self.table = HandleTable([])
         self.arena: Arena | None = None
@@ -206,7 +221,12 @@ class ProxyServer(ServerDispatch):
             self.table.apply(rec)
             n += 1
         cls = load_arena(self.arena_name)
-        self.arena = cls(self.capacity, self.device, self.host_capacity)
+        try:
+            self.arena = cls(self.capacity, self.device, self.host_capacity)
+        except (OSError, OverflowError, MemoryError) as exc:
+            msg = (f"cannot create a {self.arena_name} arena of {self.capacity} bytes "
+                   f"({self.capacity / (1 << 30):.1f} GiB): {exc}; pick a smaller --size")
+            raise ConfigError(msg) from None
         spaces = self.arena.spaces
         # Compact: the replayed history becomes one snapshot, then this generation opens.
         self.journal.rewrite([self.table.snapshot()] if self.table.entries or n else [])
@@ -240,10 +260,15 @@ class ProxyServer(ServerDispatch):
         self._sel.register(sock, selectors.EVENT_READ, ("listen", True))
 
     def _bind_tcp(self, where: str) -> None:
-        host, _, port = where.rpartition(":")
+        host, port = _split_listen(where)
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host.strip("[]"), int(port)))
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            msg = f"--peer-listen {where}: cannot listen there ({exc.strerror or exc})"
+            raise ConfigError(msg) from None
         sock.listen(16)
         sock.setblocking(False)
         bound = sock.getsockname()
