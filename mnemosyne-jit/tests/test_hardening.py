@@ -137,3 +137,33 @@ def test_bad_values_are_refused_up_front_without_a_traceback(tmp_path, args, env
     assert not (tmp_path / "mnemo-events").exists()
     assert not (tmp_path / "run" / f"mnemosyne-{os.getuid()}").exists() or not any(
         (tmp_path / "run" / f"mnemosyne-{os.getuid()}").iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_jit_checkpoint_on_a_full_disk_names_it_and_leaves_nothing(tmp_path):
+    from mnemosyne.jit import ckpt
+    from mnemosyne.jit.runtime import EXIT_CKPT_FAILED
+    from mnemosyne.jit.testing import launch
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs (the full disk)")
+    root = tmp_path / "small"
+    root.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(root)], capture_output=True)
+    if mount.returncode != 0:
+        pytest.skip(f"mount -t tmpfs is not permitted here: {mount.stderr.decode().strip()}")
+    try:
+        run = launch(tmp_path / "run", nproc=2, spares=0, steps=6, timeout=100,
+                     inject="rank=1,step=3,kind=kill,phase=forward",
+                     launch_args=["--no-replace", "--ckpt-dir", str(root / "ckpts")])
+        assert run.returncode != 0 and run.returncode != 3, run.output[-3000:]
+        failed = [e for e in run.events if e.name == "ckpt_failed"]
+        assert failed and "disk full at" in failed[0].fields["cause"], run.output[-3000:]
+        exits = [e for e in run.events if e.name == "trainer_ckpt_exit"]
+        assert exits and all(e.fields["code"] == EXIT_CKPT_FAILED for e in exits)
+        assert "CheckpointException" not in run.output or "disk full at" in run.output
+        assert not list((root / "ckpts").glob("*")), list((root / "ckpts").iterdir())  # no staging leftover
+        assert ckpt.latest(root / "ckpts") is None
+    finally:
+        subprocess.run(["umount", "-l", str(root)], check=False)

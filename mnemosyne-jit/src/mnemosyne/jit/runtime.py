@@ -38,12 +38,14 @@ full job.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import importlib.util
 import json
 import logging
 import os
 import random
+import shutil
 import sys
 import threading
 import time
@@ -495,11 +497,14 @@ class Job:
         Only the store is used (no communicator: a member is gone). The donors (ranks
         holding the highest committed step) share the writing; the others just exit.
         """
+        from torch.distributed.checkpoint.api import CheckpointException
+
         from mnemosyne.jit import ckpt
 
         ranks = [int(r) for r in order["ranks"]]
         committed = NO_STATE if self._torn else self.committed
         code = EXIT_CKPT
+        path = Path(order["dir"])
         try:
             with phase(self.log, "agree", ckpt=True) as t:
                 plan = agree(self.store, epoch, self.rank, ranks, committed, self._started, self._interrupt,
@@ -516,9 +521,14 @@ class Job:
                     t.fields.update(bytes=sum(p.stat().st_size for p in mine.rglob("*") if p.is_file()))
             elif plan.top < 0:
                 self.logger.warning("checkpoint ordered but no step was committed: nothing to write")
-        except Exception as exc:
-            self.logger.exception("just-in-time checkpoint failed: %s", exc)
+        except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
             code = EXIT_CKPT_FAILED
+            cause = _ckpt_failure_cause(exc, path)
+            self.logger.error("just-in-time checkpoint failed: %s", cause)
+            self.log.emit(EventKind.INFO, "ckpt_failed", path=str(path), cause=cause)
+            # A half-written staging directory would keep the disk full: never taken for good.
+            for leftover in path.parent.glob(f"{path.name}{ckpt.STAGING_MARK}*"):
+                shutil.rmtree(leftover, ignore_errors=True)
         self.log.emit(EventKind.INFO, "trainer_ckpt_exit", committed=self.committed, code=code)
         self.log.close()
         sys.stdout.flush()
@@ -738,3 +748,33 @@ def init(model: torch.nn.Module, optimizer: torch.optim.Optimizer, **kwargs: Any
     See :class:`Job` for the keyword arguments.
     """
     return Job(model, optimizer, **kwargs)
+
+
+def _ckpt_failure_cause(exc: BaseException, path: Path) -> str:
+    """Name why a checkpoint write failed: ``disk full at PATH`` when it was ENOSPC.
+
+    DCP wraps a writer's error (``CheckpointException.failures``), and torch's zip writer
+    reports a full disk as "unexpected pos" rather than ENOSPC: the free space of the
+    target's file system decides then.
+    """
+    seen: list[BaseException] = []
+    todo = [exc]
+    while todo and len(seen) < 50:
+        e = todo.pop()
+        if e in seen:
+            continue
+        seen.append(e)
+        todo += [c for c in (e.__cause__, e.__context__) if c is not None]
+        for f in (getattr(e, "failures", None) or {}).values():
+            todo += [f[0] if isinstance(f, tuple) else f] if isinstance(f, (tuple, BaseException)) else []
+    full = any(isinstance(e, OSError) and e.errno == errno.ENOSPC for e in seen)
+    if not full:
+        probe = path
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        with contextlib.suppress(OSError):
+            vfs = os.statvfs(probe)
+            full = vfs.f_bavail * vfs.f_frsize < (1 << 20)
+    if full:
+        return f"disk full at {path} (no space left on its file system; the partial checkpoint was removed)"
+    return f"{type(exc).__name__}: {exc}"
