@@ -167,3 +167,20 @@ def test_jit_checkpoint_on_a_full_disk_names_it_and_leaves_nothing(tmp_path):
         assert ckpt.latest(root / "ckpts") is None
     finally:
         subprocess.run(["umount", "-l", str(root)], check=False)
+
+
+@pytest.mark.slow
+def test_a_trainer_that_fails_before_init_ends_the_job_at_once(tmp_path):
+    res = _mnemo("launch", "--nproc-per-node", "2", "--spares", "0", str(tmp_path / "missing.py"), cwd=tmp_path)
+    assert res.returncode == 1 and "does not exist" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    res = _mnemo("launch", "--nproc-per-node", "2", "--spares", "0", "-m", "no_such_module_xyz", cwd=tmp_path)
+    assert res.returncode == 1 and "no module named 'no_such_module_xyz'" in res.stderr, res.stderr
+    script = tmp_path / "broken.py"
+    script.write_text("raise ImportError('the trainer cannot import its model code')\n")
+    res = _mnemo("launch", "--nproc-per-node", "2", "--spares", "1", "--max-restarts", "5", str(script),
+                 cwd=tmp_path)
+    assert res.returncode == 1, res.stderr
+    assert "usage error" in res.stderr and "before it reached mnemosyne.jit.init" in res.stderr, res.stderr
+    events = [json.loads(line) for p in (tmp_path / "mnemo-events").glob("*.jsonl") for line in p.open()]
+    assert len([e for e in events if e["name"] == "epoch"]) == 1  # never a replacement epoch
+    assert res.stderr.count("the trainer cannot import its model code") <= 2  # each rank's own traceback, once

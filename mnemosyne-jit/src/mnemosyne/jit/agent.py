@@ -456,6 +456,14 @@ class Agent:
             name = signal.Signals(-rc).name
             detail["signal"] = name
             return {"SIGKILL": "kill", "SIGSEGV": "segfault"}.get(name, name.lower()), detail
+        hb_key = _keys.heartbeat(st.rank)
+        hb = json.loads(self.store.get(hb_key)) if self.store.check([hb_key]) else None
+        if hb is None or hb.get("pid") != pid:
+            # It failed before mnemosyne.jit.init (a missing script or module, an error at
+            # import): every replacement would fail the same way. A usage error ends the job.
+            detail.update(type="ConfigError", error=f"the trainer exited with code {rc} before it reached "
+                          "mnemosyne.jit.init (a missing script or module, or an error at import: see its "
+                          "output above); a replacement would fail the same way")
         return "exit", detail
 
     def all_done(self) -> bool:

@@ -29,6 +29,7 @@ def _launch(args: argparse.Namespace) -> int:
         msg = "mnemo launch: give the training script (script.py [args]) or -m module [args]"
         raise ConfigError(msg)
     command = ["-m", args.script, *args.script_args] if args.module else [args.script, *args.script_args]
+    _check_script(args.script, args.module)
     env: dict[str, str] = {}
     if args.inject:
         parse_plans(args.inject)  # fail now, not in every rank
@@ -46,6 +47,30 @@ def _launch(args: argparse.Namespace) -> int:
     print(f"mnemo launch: job {agent.job_id}, {where}{cfg.nproc} ranks, {cfg.spares} spares, events: "
           f"{agent.event_log_path}", flush=True)
     return agent.run()
+
+
+def _check_script(script: str, module: bool) -> None:
+    """Refuse a training script or module that does not exist, before any process starts.
+
+    Raises:
+        ConfigError: Naming the script or module.
+    """
+    import importlib.util
+
+    if not module:
+        if not os.path.isfile(script):
+            msg = f"mnemo launch: training script {script!r} does not exist (or is not a file)"
+            raise ConfigError(msg)
+        return
+    try:
+        found = importlib.util.find_spec(script) is not None
+    except ModuleNotFoundError:
+        found = False
+    except Exception:  # its package fails at import: the trainer reports that itself
+        return
+    if not found:
+        msg = f"mnemo launch -m {script}: no module named {script!r} in this environment"
+        raise ConfigError(msg)
 
 
 def _resolve_resume(given: str, world: int) -> str:
