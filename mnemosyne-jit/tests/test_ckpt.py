@@ -1,5 +1,6 @@
 """Just-in-time checkpoints written by 4 real processes; atomicity under SIGKILL; corruption refused."""
 
+import json
 import os
 import shutil
 import signal
@@ -254,3 +255,28 @@ def test_threads_and_refusals(tmp_path: Path) -> None:
         ckpt.write(tmp_path / "c", state, step=2, rank=0, world_size=3, store=DictStore())
     with pytest.raises(StateError, match="not among the writer ranks"):
         ckpt.write(tmp_path / "d", state, step=2, rank=1, world_size=3, store=DictStore(), writer_ranks=[0, 2])
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("damage", [_truncate, _flip])
+def test_ls_checks_sizes_and_resume_names_the_older_checkpoint_that_verifies(good: Path, tmp_path: Path,
+                                                                              damage) -> None:
+    from mnemosyne.jit.cli import _resolve_resume
+
+    root = tmp_path / "ckpts"
+    older = root / good.name
+    shutil.copytree(good, older)
+    newer = root / ckpt.checkpoint_name(STEP + 5)
+    shutil.copytree(good, newer)
+    manifest = json.loads((newer / ckpt.MANIFEST).read_text())
+    manifest["step"] = STEP + 5
+    (newer / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    assert _resolve_resume(str(root), WORLD) == str(newer.resolve())  # both fine: the newest
+    damage(newer)
+    entries = {e.path.name: e for e in ckpt.list_checkpoints(root)}
+    if damage is _truncate:  # a size off: ls no longer calls it complete
+        assert not entries[newer.name].complete and "expected" in entries[newer.name].note
+        r = _cli("ls", str(root))
+        assert "INCOMPLETE" in next(ln for ln in r.stdout.splitlines() if newer.name in ln), r.stdout
+    with pytest.raises(CorruptStateError, match=rf"the older checkpoint {older}.*verifies: resume with --resume"):
+        _resolve_resume(str(root), WORLD)

@@ -82,7 +82,6 @@ def test_a_byte_dribbling_client_never_stalls_another_and_is_dropped(proxy):
     reply = _read_reply(silent)  # dropped once its Hello is overdue (5 s), with a reason
     assert isinstance(reply, m.Error) and "no Hello within" in reply.message
     assert time.monotonic() - t0 < 9
-    assert _read_reply(dribbler) is not None or True  # dropped too (possibly without a reply)
     assert _status_time(proxy) < 1.0
     silent.close()
     dribbler.close()

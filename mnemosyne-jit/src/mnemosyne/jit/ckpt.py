@@ -453,7 +453,8 @@ def _du(path: Path) -> int:
 def list_checkpoints(root: str | os.PathLike[str]) -> list[CkptEntry]:
     """Checkpoints under ``root`` (or ``root`` itself), complete ones and staging leftovers.
 
-    A directory is complete when its manifest parses (the full check is :func:`verify`);
+    A directory is complete when its manifest parses and every file it lists is there with
+    the listed size (the full check, hashes included, is :func:`verify`);
     ``<name>.tmp-<id>`` directories are interrupted writes, never read by :func:`load`.
     """
     base = Path(root)
@@ -475,9 +476,26 @@ def list_checkpoints(root: str | os.PathLike[str]) -> list[CkptEntry]:
         except CorruptStateError as exc:
             out.append(CkptEntry(p, False, bytes=_du(p), note=str(exc)))
             continue
-        size = sum(int(f.get("size", 0)) for f in m["files"].values())
+        size = sum(int(f.get("size", 0)) if isinstance(f, dict) else 0 for f in m["files"].values())
+        bad = _size_mismatch(p, m["files"])
+        if bad:
+            out.append(CkptEntry(p, False, m["step"], m["world_size"], _du(p), note=bad))
+            continue
         out.append(CkptEntry(p, True, m["step"], m["world_size"], size))
     return out
+
+
+def _size_mismatch(root: Path, files: dict[str, Any]) -> str:
+    """What is wrong with the listed files' presence and sizes (cheap: no hashing), or ``""``."""
+    for rel, info in files.items():
+        want = info.get("size") if isinstance(info, dict) else None
+        try:
+            got = (root / rel).stat().st_size
+        except OSError:
+            return f"file {rel} is missing"
+        if got != want:
+            return f"file {rel} is {got} bytes, expected {want} (truncated or overwritten)"
+    return ""
 
 
 def latest(root: str | os.PathLike[str]) -> Path | None:

@@ -82,6 +82,7 @@ def _resolve_resume(given: str, world: int) -> str:
     """
     from pathlib import Path
 
+    from mnemosyne.core.errors import CorruptStateError
     from mnemosyne.jit import ckpt
 
     path = Path(given)
@@ -91,8 +92,20 @@ def _resolve_resume(given: str, world: int) -> str:
             msg = (f"mnemo launch --resume {given}: no complete checkpoint there (expected a directory holding "
                    f"{ckpt.MANIFEST}, or a folder of step-* checkpoints)")
             raise ConfigError(msg)
+        root: Path | None = path
+        newest = max((e for e in ckpt.list_checkpoints(path) if e.step is not None),
+                     key=lambda e: (e.step or 0, e.path.name))
+        if newest.path != found:  # the newest is damaged (a size is off): say which older one verifies
+            _refuse_corrupt_newest(path)
         path = found
-    report = ckpt.verify(path)  # before any process starts: a bad checkpoint fails the launch now
+    else:
+        root = None
+    try:
+        report = ckpt.verify(path)  # before any process starts: a bad checkpoint fails the launch now
+    except CorruptStateError:
+        if root is not None:
+            _refuse_corrupt_newest(root)
+        raise
     if report.world_size != world:
         msg = (f"mnemo launch --resume {path}: the checkpoint was taken by {report.world_size} ranks, "
                f"but this job has {world} (--nproc-per-node x --nnodes); resume with {report.world_size} ranks")
@@ -100,6 +113,39 @@ def _resolve_resume(given: str, world: int) -> str:
     print(f"mnemo launch: resuming from {path} (step {report.step}; training continues at step {report.step + 1})",
           flush=True)
     return str(path.resolve())
+
+
+def _refuse_corrupt_newest(root: Any) -> None:
+    """Under a root, the newest checkpoint must verify; else name the newest older one that does.
+
+    Resuming from an older checkpoint silently would redo more steps than the user expects.
+
+    Raises:
+        CorruptStateError: The newest checkpoint is damaged (names it, why, and the older one
+            that verifies, if any).
+    """
+    from mnemosyne.core.errors import CorruptStateError
+    from mnemosyne.jit import ckpt
+
+    dated = sorted((e for e in ckpt.list_checkpoints(root) if e.step is not None),
+                   key=lambda e: (e.step or 0, e.path.name), reverse=True)
+    if not dated:
+        return
+    try:
+        ckpt.verify(dated[0].path)
+        return
+    except CorruptStateError as exc:
+        why = str(exc)
+    for older in dated[1:]:
+        try:
+            ckpt.verify(older.path)
+        except CorruptStateError:
+            continue
+        msg = (f"mnemo launch --resume {root}: the newest checkpoint is damaged ({why}); the older checkpoint "
+               f"{older.path} (step {older.step}) verifies: resume with --resume {older.path}")
+        raise CorruptStateError(msg)
+    msg = f"mnemo launch --resume {root}: the newest checkpoint is damaged ({why}) and no older one verifies"
+    raise CorruptStateError(msg)
 
 
 def register_launch(sub: Any) -> None:
