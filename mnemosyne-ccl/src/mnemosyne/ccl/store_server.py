@@ -513,7 +513,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run a store server in the foreground until SIGINT/SIGTERM (``python -m``)."""
     parser = argparse.ArgumentParser(prog="mnemosyne.ccl.store_server", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    try:
+        return run(parser.parse_args(argv))
+    except MnemosyneError as exc:  # a usage error: one line, no traceback (as `mnemo store`)
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
