@@ -88,6 +88,8 @@ def _resolve_resume(given: str, world: int) -> str:
     path = Path(given)
     if not (path / ckpt.MANIFEST).exists():
         found = ckpt.latest(path) if path.is_dir() else None
+        if found is None and path.is_dir():
+            _refuse_corrupt_newest(path)  # only damaged ones there: say what is wrong with the newest
         if found is None:
             msg = (f"mnemo launch --resume {given}: no complete checkpoint there (expected a directory holding "
                    f"{ckpt.MANIFEST}, or a folder of step-* checkpoints)")
