@@ -38,6 +38,10 @@ def reference(tmp_path_factory):
 
 CASES = {
     "kill-forward": "rank=1,step=3,kind=kill,phase=forward",
+    # Killed inside backward while its first gradient buckets are being reduced (every
+    # peer has reductions in flight too).
+    "kill-backward": "rank=1,step=4,kind=kill,phase=backward",
+    "exception-backward": "rank=2,step=3,kind=exception,phase=backward",
     "hang-allreduce": "rank=2,step=4,kind=hang,phase=allreduce",
     "exception-optimizer": "rank=3,step=2,kind=exception,phase=optimizer",
     "segfault-allreduce": "rank=0,step=5,kind=segfault,phase=allreduce",

@@ -67,7 +67,7 @@ def test_fault_plans_parse_and_validate():
     with pytest.raises(ConfigError, match="missing"):
         parse_plans("rank=1,kind=kill")
     with pytest.raises(ConfigError, match="phase"):
-        parse_plans("rank=1,step=2,kind=kill,phase=backward")
+        parse_plans("rank=1,step=2,kind=kill,phase=loss")
 
 
 def test_resumable_sampler_seek_equals_tail():

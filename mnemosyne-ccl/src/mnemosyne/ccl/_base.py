@@ -37,7 +37,7 @@ from mnemosyne.core.errors import (
 )
 from mnemosyne.core.store import Store
 
-__all__ = ["FlexCommunicator", "comm_prefix", "signal_abort"]
+__all__ = ["FlexCommunicator", "FlexWork", "comm_prefix", "signal_abort"]
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +150,49 @@ def read_members(store: Store, tag: str, epoch: int, timeout: float) -> tuple[in
     return tuple(order)
 
 
+class FlexWork:
+    """An asynchronous operation of a :class:`FlexCommunicator` (a core ``Work``).
+
+    Args:
+        comm: The communicator that issued it (its abort flag, abort key and timeout
+            govern :meth:`wait`).
+        what: Name of the operation, for error messages.
+        done: Set by the transport when the operation completes (and by ``abort``).
+        is_complete: Whether the operation completed; may raise the transport's error.
+        finish: Run once after completion, in the waiting thread (e.g. to collect the
+            transport's result or error).
+        signalled: Completion always sets ``done`` (see ``wait_until``).
+    """
+
+    def __init__(self, comm: FlexCommunicator, what: str, done: threading.Event, is_complete: Callable[[], bool],
+                 finish: Callable[[], None] | None = None, *, signalled: bool = False) -> None:
+        self._comm = comm
+        self._what = what
+        self._done = done
+        self._is_complete = is_complete
+        self._finish = finish
+        self._signalled = signalled
+        self._finished = False
+
+    def is_completed(self) -> bool:
+        """Whether the operation finished (successfully or not); never blocks."""
+        if self._finished:
+            return True
+        try:
+            return bool(self._is_complete())
+        except Exception:  # a failed operation is finished too; wait() raises its error
+            return True
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until done; raise ``CommAborted``/``PeerFailureError``/``CollectiveTimeout`` as a blocking call would."""
+        if self._finished:
+            return
+        self._comm.wait_until(self._done, self._is_complete, self._what, timeout, signalled=self._signalled)
+        if self._finish is not None:
+            self._finish()
+        self._finished = True
+
+
 class FlexCommunicator(ABC):
     """Base of the backends' communicators; implements :class:`~mnemosyne.core.comm.Communicator`.
 
@@ -164,6 +207,10 @@ class FlexCommunicator(ABC):
     """
 
     backend_name = ""
+    #: Longest sleep between two completion checks of an operation whose completion
+    #: sets no event (``wait_until`` without ``signalled``): bounds how late a waiter
+    #: sees a completed GPU collective.
+    poll_cap_s = POLL_S
 
     def __init__(self, store: Store, tag: str, epoch: int, order: Sequence[int], rank: int, timeout: float) -> None:
         self._store = store
@@ -312,7 +359,7 @@ class FlexCommunicator(ABC):
                     return
                 if is_complete():
                     return
-                slice_s = min(POLL_S, slice_s * 2)
+                slice_s = min(POLL_S if signalled else self.poll_cap_s, slice_s * 2)
                 self._raise_if_aborted()
                 if time.monotonic() < next_poll:
                     continue
@@ -457,8 +504,8 @@ class FlexCommunicator(ABC):
     # -- collectives (backends) ----------------------------------------------------
 
     @abstractmethod
-    def all_reduce(self, tensor: Any, op: ReduceOp = ReduceOp.SUM) -> None:
-        """Reduce ``tensor`` in place across all members."""
+    def all_reduce(self, tensor: Any, op: ReduceOp = ReduceOp.SUM, *, async_op: bool = False) -> FlexWork | None:
+        """Reduce ``tensor`` in place across all members (``async_op``: return a work to wait on)."""
 
     @abstractmethod
     def broadcast(self, tensor: Any, root: int) -> None:

@@ -33,7 +33,7 @@ from mnemosyne.core.store import PrefixStore, Store
 from mnemosyne.jit import _keys
 from mnemosyne.jit._store import TorchStore
 
-__all__ = ["GRAVEYARD", "TorchBackend", "TorchComm", "torch_store_of"]
+__all__ = ["GRAVEYARD", "TorchBackend", "TorchComm", "TorchWork", "torch_store_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -148,13 +148,19 @@ class TorchComm:
             msg = f"communicator of epoch {self._epoch} failed earlier: {self._reason}"
             raise PeerFailureError(msg)
 
-    def _run(self, what: str, launch: Callable[[], Any]) -> None:
-        """Launch an operation and wait for it, or for an abort, whichever comes first."""
+    def _launch(self, what: str, launch: Callable[[], Any]) -> Any:
         self._check()
         try:
-            work = launch()
+            return launch()
         except RuntimeError as exc:
             self._fail(what, exc)
+
+    def _run(self, what: str, launch: Callable[[], Any]) -> None:
+        """Launch an operation and wait for it, or for an abort, whichever comes first."""
+        self._await(what, self._launch(what, launch))
+
+    def _await(self, what: str, work: Any) -> None:
+        """Wait for a launched torch work, or for an abort, whichever comes first."""
         done = threading.Event()
         with self._lock:
             self._waiters.add(done)
@@ -217,13 +223,17 @@ class TorchComm:
             # abandoned operation until torch's timeout.
             ctypes.pythonapi.Py_IncRef(ctypes.py_object(self._pg))
 
-    def all_reduce(self, tensor: Any, op: ReduceOp = ReduceOp.SUM) -> None:
-        """See :class:`Communicator`."""
+    def all_reduce(self, tensor: Any, op: ReduceOp = ReduceOp.SUM, *, async_op: bool = False) -> TorchWork | None:
+        """See :class:`Communicator` (``async_op``: return a :class:`TorchWork` at once)."""
         import torch.distributed as dist
 
         opts = dist.AllreduceOptions()
         opts.reduceOp = _to_torch_op(op)
-        self._run("all_reduce", lambda: self._pg.allreduce([tensor], opts))
+        work = TorchWork(self, "all_reduce", self._launch("all_reduce", lambda: self._pg.allreduce([tensor], opts)))
+        if async_op:
+            return work
+        work.wait()
+        return None
 
     def broadcast(self, tensor: Any, root: int) -> None:
         """See :class:`Communicator`."""
@@ -304,6 +314,39 @@ class TorchComm:
         """Release the group (parked, see module doc: never destroyed while pending work may exist)."""
         self._park()
         self._pg = None
+
+
+class TorchWork:
+    """An asynchronous operation of a :class:`TorchComm` (a core ``Work``): abort-aware waits.
+
+    For NCCL, :meth:`wait` also waits until the operation completed on the device
+    (torch's own ``wait`` only orders the caller's stream after it).
+    """
+
+    def __init__(self, comm: TorchComm, what: str, work: Any) -> None:
+        self._comm = comm
+        self._what = what
+        self._work = work
+        self._finished = False
+
+    def is_completed(self) -> bool:
+        """Whether the operation finished (successfully or not); never blocks."""
+        return self._finished or bool(self._work.is_completed())
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until done (raise ``CommAborted``/``PeerFailureError`` as the blocking call would).
+
+        ``timeout`` is not used: torch's own operation timeout and the job's watchdog
+        bound the wait (the agent aborts the communicator of a hung peer).
+        """
+        if self._finished:
+            return
+        self._comm._await(self._what, self._work)
+        if self._comm.backend == "nccl":
+            while not self._work.is_completed():
+                self._comm._check()
+                time.sleep(5e-5)
+        self._finished = True
 
 
 def _wait_for(done: Callable[[], bool], interrupt: threading.Event | None, deadline: float, what: str,

@@ -12,10 +12,16 @@ Usage (launched with ``mnemo launch``)::
     job.close()
 
 What happens underneath, per step ``k``: the batch of step ``k`` is fetched, the RNGs are
-set to the state derived from (seed, rank, k), the body runs; ``optimizer.step()`` first
-averages gradients over fixed flat buckets (a deterministic layout, see
-:mod:`mnemosyne.jit._gradsync`), then updates; leaving the ``with`` block commits step
-``k`` (a counter; the watchdog thread turns it into a heartbeat).
+set to the state derived from (seed, rank, k), the body runs; during backward each
+fixed flat bucket of gradients (a deterministic layout, see
+:mod:`mnemosyne.jit._gradsync`) is all-reduced asynchronously as soon as its last
+gradient is accumulated; ``optimizer.step()`` first waits for them (the average is then
+in ``.grad``, a view into its bucket), then updates; leaving the ``with`` block commits
+step ``k`` (a counter; the watchdog thread turns it into a heartbeat).
+
+Gradient accumulation: a step that runs several backward passes iterates
+``step.micro_batches()`` or wraps every backward but the last in ``with job.no_sync():``
+(as with DDP); only the last one launches reductions.
 
 When a peer fails, the agent publishes a new membership epoch; the watchdog aborts the
 communicator; the blocked collective raises inside the ``with`` block, which swallows
@@ -321,6 +327,8 @@ class Job:
         self._started = k
         self._grads_were_none = all(p.grad is None for p in self.model.parameters())
         self._set_pos(k, "forward")
+        if self._gradsync is not None:
+            self._gradsync.begin()
         try:
             self.injector.maybe_fire(k, "forward")
         except Exception as exc:  # raised in __enter__, so __exit__ would not see it
@@ -339,22 +347,45 @@ class Job:
             msg = "gradient sync outside a step or before the job is ready"
             raise RecoveryError(msg)
         self._set_pos(k, "allreduce", coll=True)
-        fire_at = min(1, len(self._gradsync.buckets) - 1)
-
-        def between(i: int) -> None:
-            if i == fire_at:
-                self.injector.maybe_fire(k, "allreduce")
-
-        self._gradsync.sync(self._comm, between)
-        if self.device.type == "cuda":
-            # NCCL completes asynchronously: make sure the reduction really finished
-            # (or was aborted) before the optimizer reads the gradients.
-            torch.cuda.current_stream().synchronize()
-            if self._comm.aborted:
-                msg = f"communicator of epoch {self.epoch} aborted during the gradient reduction"
-                raise CommError(msg)
+        # Reductions launched during backward may still be in flight here.
+        self.injector.maybe_fire(k, "allreduce")
+        # One wait for every bucket (each wait returns once its reduction completed, on
+        # the device too, or raises if the communicator was aborted meanwhile).
+        self._gradsync.sync()
+        if self._comm.aborted:
+            msg = f"communicator of epoch {self.epoch} aborted during the gradient reduction"
+            raise CommError(msg)
         self._synced = k
         self._set_pos(k, "optimizer")
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Accumulate gradients without reducing them (as DDP's ``no_sync``).
+
+        Wrap every backward pass of a step but the last one; the last backward, outside
+        this block, launches the reductions of the accumulated gradients. Not needed with
+        ``step.micro_batches()``, which does the same.
+        """
+        gs = self._gradsync
+        if gs is not None:
+            gs.final = False
+        try:
+            yield
+        finally:
+            if gs is not None and self._gradsync is gs:
+                gs.final = True
+
+    def _final_backward(self, final: bool) -> None:
+        """``step.micro_batches()``: whether the coming backward is the step's last."""
+        if self._gradsync is not None:
+            self._gradsync.final = final
+
+    def _on_launch(self, i: int, in_backward: bool) -> None:
+        """A bucket's all-reduce was launched (from a gradient hook, or at the wait)."""
+        if i == 0 and in_backward:
+            # The first reduction is in flight and backward goes on.
+            self._set_pos(self._started, "backward")
+            self.injector.maybe_fire(self._started, "backward")
 
     def _pre_step(self, *_: Any) -> None:
         self.sync_gradients()
@@ -404,6 +435,10 @@ class Job:
             # The optimizer already updated this replica in step k but the step did not
             # finish: its state is neither step k-1's nor a committed step k's.
             self._torn = True
+        if self._gradsync is not None:
+            # Reductions of this step may still be in flight: no gradient may stay a view
+            # of buffers that abandoned work can write (a new GradSync comes with the repair).
+            self._gradsync.close()
         for p in self.model.parameters():
             if p.grad is not None:
                 if self._grads_were_none:
@@ -584,6 +619,8 @@ class Job:
             self.recoveries += 1
             abort_s = t0 - notice if notice is not None else 0.0
             self.log.emit(EventKind.PHASE, "abort", abort_s, ok=True, step=self._started)
+        if self._gradsync is not None:
+            self._gradsync.close()
         self._gradsync = None
         min_epoch = self.epoch if first else self.epoch + 1
         while True:
@@ -659,7 +696,8 @@ class Job:
         self._needs_recovery = False
         # Divide by the data-parallel world, not by the members present: while shrunk,
         # hosts' gradients hold several ranks' micro-batches (identical to comm.size otherwise).
-        self._gradsync = GradSync(list(self.model.parameters()), self.bucket_bytes, world_size=self.world_size)
+        self._gradsync = GradSync(list(self.model.parameters()), self.bucket_bytes, world_size=self.world_size,
+                                  comm=self._comm, on_launch=self._on_launch)
         self.data_ranks = assign_data_ranks(self.world_size, ranks)[self.rank]
         self.members = list(ranks)
         self._set_pos(self.next_step, "boundary")
@@ -710,6 +748,9 @@ class Job:
             self.watchdog.beat()  # last heartbeat: the agent stops watching this rank for hangs
         for h in self._hooks:
             h.remove()
+        if self._gradsync is not None:
+            self._gradsync.close()
+            self._gradsync = None
         if self.proxy is not None:
             self.proxy.close()
         self.log.close()

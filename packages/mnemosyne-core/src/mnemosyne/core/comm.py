@@ -17,6 +17,26 @@ Call order across ranks after rank ``f`` fails:
    the newcomer calls :meth:`CommBackend.join` with the same arguments; both return the
    grown communicator in which the newcomer holds logical rank ``f``.
 
+Asynchronous collectives (``all_reduce(..., async_op=True)``) return a :class:`Work`:
+
+1. Every member issues the same asynchronous collectives in the same order (the order
+   of issue, not of completion, is what must match), possibly from another thread than
+   the one that waits (the autograd engine's, for gradient hooks), but never from two
+   threads at once on one communicator.
+2. The tensor belongs to the operation until :meth:`Work.wait` returned: the caller must
+   neither read nor write it before (on a GPU the backend orders the operation after the
+   work already queued on the caller's current stream when it was issued).
+3. :meth:`Work.wait` blocks the calling thread until the operation completed (for device
+   tensors: completed on the device, so any later kernel sees the result), and raises
+   like the blocking call would: :class:`~mnemosyne.core.errors.CommAborted` when
+   :meth:`Communicator.abort` was called from any thread,
+   :class:`~mnemosyne.core.errors.PeerFailureError` when the transport or another member
+   saw a peer fail, :class:`~mnemosyne.core.errors.CollectiveTimeout` past the deadline.
+   Works may be waited in any order; waiting twice is allowed.
+4. After an abort, works of the aborted epoch are abandoned: their tensors may still be
+   written by the transport for a while, so the caller never reuses them in a later
+   epoch (the runtime allocates new gradient buckets after every recovery).
+
 Tensors are typed ``Any`` so that this module does not import torch; backends document
 which tensor types and devices they accept.
 """
@@ -30,7 +50,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from mnemosyne.core.store import Store
 
-__all__ = ["BACKENDS_ENTRY_POINT", "CommBackend", "Communicator", "ReduceOp"]
+__all__ = ["BACKENDS_ENTRY_POINT", "CommBackend", "Communicator", "ReduceOp", "Work"]
 
 #: Entry-point group under which communicator backends register (name -> CommBackend class).
 BACKENDS_ENTRY_POINT = "mnemosyne.ccl.backends"
@@ -44,6 +64,23 @@ class ReduceOp(enum.Enum):
     PRODUCT = "product"
     MIN = "min"
     MAX = "max"
+
+
+@runtime_checkable
+class Work(Protocol):
+    """An asynchronous collective in flight (see the module doc for the call order)."""
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until the operation completed; raise if it failed, was aborted or timed out.
+
+        Args:
+            timeout: Seconds to wait at most (None: the communicator's own timeout).
+        """
+        ...
+
+    def is_completed(self) -> bool:
+        """Whether the operation finished (successfully or not); never blocks."""
+        ...
 
 
 @runtime_checkable
@@ -80,8 +117,12 @@ class Communicator(Protocol):
         """
         ...
 
-    def all_reduce(self, tensor: Any, op: ReduceOp = ReduceOp.SUM) -> None:
-        """Reduce ``tensor`` in place across all members."""
+    def all_reduce(self, tensor: Any, op: ReduceOp = ReduceOp.SUM, *, async_op: bool = False) -> Work | None:
+        """Reduce ``tensor`` in place across all members.
+
+        With ``async_op=True`` return at once a :class:`Work` to wait on (module doc);
+        otherwise block until done and return None.
+        """
         ...
 
     def broadcast(self, tensor: Any, root: int) -> None:
