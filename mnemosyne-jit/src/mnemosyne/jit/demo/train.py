@@ -49,6 +49,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "replacement time to warm up in tests)")
     p.add_argument("--step-batch", action="store_true",
                    help="read step.batch instead of iterating step.micro_batches() (refused under --shrink)")
+    p.add_argument("--autocast", choices=["none", "bf16"], default="none",
+                   help="bf16: forward under torch.autocast on CUDA (benchmarks)")
+    p.add_argument("--fused-adam", action="store_true", help="AdamW(fused=True) on CUDA (benchmarks)")
+    p.add_argument("--sync-steps", action="store_true",
+                   help="torch.cuda.synchronize() at the end of every step, so that step events time the "
+                        "device's work (benchmarks; the DDP baseline always does)")
+    p.add_argument("--memory-event", action="store_true",
+                   help="write a 'memory' event with this rank's peak memory at the end (benchmarks)")
     return p.parse_args(argv)
 
 
@@ -83,11 +91,30 @@ def build(args: argparse.Namespace, device: torch.device, *,
             model = GPT(cfg)
         model = model.to_empty(device=device)
         model.tie_weights()  # to_empty gives each parameter name its own tensor
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    fused = bool(getattr(args, "fused_adam", False)) and device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, **({"fused": True} if fused else {}))
     warm = max(1, args.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
     data = MarkovTokens(args.samples, args.block, args.vocab, seed=1234)
     return model, opt, sched, data
+
+
+def autocast(args: argparse.Namespace, device: torch.device) -> Any:
+    """The forward's autocast context (``--autocast``), a no-op context by default."""
+    import contextlib
+
+    if args.autocast == "bf16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def peak_memory(device: torch.device) -> int:
+    """This process's peak memory in bytes: CUDA allocations on a GPU, else the peak RSS."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -115,15 +142,22 @@ def main(argv: list[str] | None = None) -> None:
             batches = [step.batch] if args.step_batch else step.micro_batches()
             for batch in batches:
                 x, y = (t.to(device) for t in batch)
-                loss = model(x, y)
+                with autocast(args, device):
+                    loss = model(x, y)
                 loss.backward()
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
+            if args.sync_steps and device.type == "cuda":
+                torch.cuda.synchronize(device)
             if args.step_sleep:
                 time.sleep(args.step_sleep)
             if args.shrunk_step_sleep and len(job.members) < job.world_size:
                 time.sleep(args.shrunk_step_sleep)
+    if args.memory_event:
+        from mnemosyne.core.events import EventKind
+
+        job.log.emit(EventKind.INFO, "memory", peak_bytes=peak_memory(device), device=str(device))
     if out is not None:
         final = {"model": model.state_dict(), "optim": opt.state_dict(), "sched": sched.state_dict(),
                  "pid": os.getpid(), "committed": job.committed, "recoveries": job.recoveries}
