@@ -7,12 +7,16 @@
 * Inter-package dependencies are ranges, never ``==``.
 * Generated code is up to date: every ``tools/gen/*.py`` generator is run with ``--check``.
 * ``.ci/run`` runs the README's test command.
+* Every ``MNEMOSYNE_*`` environment variable is defined once, in ``mnemosyne.core.env``:
+  shipped code (each package's ``src/``) neither assigns a ``MNEMOSYNE_*`` name nor spells
+  one as a string literal, and mentions no name that ``core/env.py`` does not define.
 
 Usage: python tools/repo_check.py  (exit 1 and one line per problem when something is wrong)
 """
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
@@ -28,6 +32,23 @@ PACKAGES = {
     "jit": ROOT / "mnemosyne-jit",
     "cli": ROOT / "mnemosyne-cli",
 }
+ENV_MODULE = ROOT / "packages/mnemosyne-core/src/mnemosyne/core/env.py"
+_ENV_NAME = re.compile(r"MNEMOSYNE_[A-Z0-9][A-Z0-9_]*")
+#: Files allowed to break a rule for now, with why (each entry is a promise to remove it).
+PENDING = {
+    ("env", "mnemosyne-ccl/src/mnemosyne/ccl/nccl.py"):
+        "MNEMOSYNE_NCCL_NATIVE/_CACHE/_LOCAL_RANK as literals: nccl.py is being rewritten for issue 11 (async "
+        "collectives); switch it to mnemosyne.core.env once that lands",
+}
+
+
+def _source_files(root: Path = ROOT) -> list[Path]:
+    """Every shipped Python file: each package's ``src/`` tree."""
+    return sorted(p for folder in PACKAGES.values() for p in (root / folder.relative_to(ROOT) / "src").rglob("*.py"))
+
+
+def _pending(rule: str, path: Path, root: Path) -> bool:
+    return (rule, path.relative_to(root).as_posix()) in PENDING
 
 
 def check_namespace(root: Path = ROOT) -> list[str]:
@@ -83,12 +104,40 @@ def check_ci_runs_readme_tests() -> list[str]:
     return [f".ci/run does not run the README's test command {test_lines[0]!r}"]
 
 
+def check_env_names(root: Path = ROOT) -> list[str]:
+    """``MNEMOSYNE_*`` names: defined in core/env.py only, imported from there everywhere else."""
+    env_module = root / ENV_MODULE.relative_to(ROOT)
+    defined = {t.id for node in ast.walk(ast.parse(env_module.read_text())) if isinstance(node, ast.Assign)
+               for t in node.targets if isinstance(t, ast.Name) and _ENV_NAME.fullmatch(t.id)}
+    problems = []
+    for path in _source_files(root):
+        if path == env_module or _pending("env", path, root):
+            continue
+        rel = path.relative_to(root)
+        text = path.read_text()
+        for node in ast.walk(ast.parse(text)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] \
+                if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else []
+            for t in targets:
+                if isinstance(t, ast.Name) and _ENV_NAME.fullmatch(t.id):
+                    problems.append(f"{rel}:{node.lineno}: defines {t.id}; define it in core/env.py (with a "
+                                    "why-comment) and import it")
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and _ENV_NAME.fullmatch(node.value):
+                problems.append(f"{rel}:{node.lineno}: spells {node.value!r} as a string; import the name from "
+                                "mnemosyne.core.env")
+        for lineno, line in enumerate(text.splitlines(), 1):
+            for name in sorted(set(_ENV_NAME.findall(line)) - defined):
+                problems.append(f"{rel}:{lineno}: mentions {name}, which core/env.py does not define")
+    return problems
+
+
 def main() -> int:
     problems = check_namespace()
     for name, folder in PACKAGES.items():
         problems += check_package(name, folder)
     problems += check_generated()
     problems += check_ci_runs_readme_tests()
+    problems += check_env_names()
     for p in problems:
         print(p)
     print(f"repo_check: {len(problems)} problem(s)")

@@ -14,8 +14,8 @@ import time
 
 import pytest
 
+from mnemosyne.core.env import MNEMOSYNE_JIT_BACKEND
 from mnemosyne.core.events import EventKind, read_events
-from mnemosyne.jit._select import MNEMOSYNE_JIT_BACKEND
 from mnemosyne.jit.inject import parse_plans
 from mnemosyne.jit.summary import incidents
 from mnemosyne.jit.testing import TINY, compare_final_states, launch, started_pids

@@ -26,3 +26,26 @@ def test_stray_namespace_init_is_flagged(tmp_path):
     (bad / "__init__.py").write_text("")
     problems = mod.check_namespace(tmp_path)
     assert len(problems) == 1 and "PEP 420" in problems[0]
+
+
+def _tree(root: Path, files: dict[str, str]) -> None:
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+
+
+def test_env_names_are_defined_in_core_env_only(tmp_path):
+    mod = _load()
+    _tree(tmp_path, {
+        "packages/mnemosyne-core/src/mnemosyne/core/env.py": 'MNEMOSYNE_RANK = "MNEMOSYNE_RANK"\n',
+        "mnemosyne-jit/src/mnemosyne/jit/ok.py": "from mnemosyne.core.env import MNEMOSYNE_RANK\n",
+        "mnemosyne-jit/src/mnemosyne/jit/bad.py": ('MNEMOSYNE_SHRINK = "1"\n'
+                                                  'x = os.environ.get("MNEMOSYNE_RANK")\n'
+                                                  '# see MNEMOSYNE_NOWHERE\n'),
+    })
+    problems = mod.check_env_names(tmp_path)
+    assert len(problems) == 4, problems  # MNEMOSYNE_SHRINK is both defined here and unknown to env.py
+    assert all(p.startswith("mnemosyne-jit/src/mnemosyne/jit/bad.py:") for p in problems)
+    assert any("defines MNEMOSYNE_SHRINK" in p for p in problems)
+    assert any("spells 'MNEMOSYNE_RANK'" in p for p in problems)
+    assert any("mentions MNEMOSYNE_NOWHERE" in p for p in problems)

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mnemosyne.ccl import _wire
+from mnemosyne.core.env import MNEMOSYNE_JOB_ID, MNEMOSYNE_TOKEN
 from mnemosyne.core.errors import (
     AuthError,
     ConfigError,
@@ -412,7 +413,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the server's options to ``parser`` (shared by ``mnemo store``)."""
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any)")
-    parser.add_argument("--job", default=os.environ.get("MNEMOSYNE_JOB_ID"), help="job id (or MNEMOSYNE_JOB_ID)")
+    parser.add_argument("--job", default=os.environ.get(MNEMOSYNE_JOB_ID), help="job id (or MNEMOSYNE_JOB_ID)")
     parser.add_argument("--token-file", help="file holding the job token; created (mode 0600) if missing; "
                         "default: MNEMOSYNE_TOKEN, else a fresh token printed once")
 
@@ -431,7 +432,7 @@ def _read_or_make_token(path: str | None) -> tuple[str, bool]:
         with os.fdopen(fd, "w") as fh:
             fh.write(token + "\n")
         return token, False
-    env = os.environ.get("MNEMOSYNE_TOKEN")
+    env = os.environ.get(MNEMOSYNE_TOKEN)
     if env:
         return env, False
     return secrets.token_hex(16), True

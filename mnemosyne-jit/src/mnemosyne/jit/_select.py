@@ -13,13 +13,9 @@ from __future__ import annotations
 import importlib.util
 import os
 
-__all__ = ["MNEMOSYNE_JIT_BACKEND", "backend_label", "use_ccl"]
+from mnemosyne.core.env import MNEMOSYNE_JIT_BACKEND
 
-#: ``torch`` forces the plain torch.distributed path even when mnemosyne-ccl is installed;
-#: ``ccl`` requires mnemosyne-ccl. Private to mnemosyne-jit (not in mnemosyne.core.env):
-#: it exists so that tests and benchmarks can run the fallback on a machine where every
-#: package is installed, and so that children follow the agent's choice.
-MNEMOSYNE_JIT_BACKEND = "MNEMOSYNE_JIT_BACKEND"
+__all__ = ["backend_label", "use_ccl"]
 
 
 def use_ccl() -> bool:

@@ -51,10 +51,13 @@ from mnemosyne.core.env import (
     MNEMOSYNE_EPOCH,
     MNEMOSYNE_EVENT_LOG,
     MNEMOSYNE_HANG_TIMEOUT,
+    MNEMOSYNE_JIT_BACKEND,
     MNEMOSYNE_JOB_ID,
     MNEMOSYNE_LOCAL_RANK,
     MNEMOSYNE_PROXY_SOCKET,
     MNEMOSYNE_RANK,
+    MNEMOSYNE_RESUME,
+    MNEMOSYNE_SHRINK,
     MNEMOSYNE_SPARE,
     MNEMOSYNE_STORE_ADDR,
     MNEMOSYNE_TOKEN,
@@ -70,19 +73,15 @@ from mnemosyne.jit import _keys
 from mnemosyne.jit._agent_config import AgentConfig, check_config, job_info_dir, read_token_file
 from mnemosyne.jit._coordinator import DEFAULT_CKPT_DIR, Coordinator, Failure
 from mnemosyne.jit._proxies import ProxyPool
-from mnemosyne.jit._select import MNEMOSYNE_JIT_BACKEND
 from mnemosyne.jit._store import JobStoreHost, connect_job_store, host_job_store, parse_addr
 
-__all__ = ["DEFAULT_CKPT_DIR", "EXIT_JOB_CKPT", "MNEMOSYNE_SHRINK", "Agent", "AgentConfig", "RankStatus",
+__all__ = ["DEFAULT_CKPT_DIR", "EXIT_JOB_CKPT", "Agent", "AgentConfig", "RankStatus",
            "job_info_dir", "read_token_file"]
 
 logger = logging.getLogger(__name__)
 
 #: Exit code of ``mnemo launch`` when the job stopped after a just-in-time checkpoint.
 EXIT_JOB_CKPT = 3
-#: Set to ``1`` in every trainer of a job launched with ``--shrink``: the runtime then
-#: requires ``step.micro_batches()`` (a survivor may run a missing replica's batch too).
-MNEMOSYNE_SHRINK = "MNEMOSYNE_SHRINK"
 
 # Settings every spawned process gets unless the user set them: one intra-op thread per
 # rank (as torchrun does), and NCCL kept in a mode where in-process recovery is possible.
@@ -207,8 +206,6 @@ class Agent:
         if self.config.shrink:
             env[MNEMOSYNE_SHRINK] = "1"
         if self.config.resume:
-            from mnemosyne.jit.runtime import MNEMOSYNE_RESUME
-
             env[MNEMOSYNE_RESUME] = self.config.resume
         env.update(extra)
         return env

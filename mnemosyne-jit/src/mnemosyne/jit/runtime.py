@@ -68,6 +68,8 @@ from mnemosyne.core.env import (
     MNEMOSYNE_JOB_ID,
     MNEMOSYNE_PROXY_SOCKET,
     MNEMOSYNE_RANK,
+    MNEMOSYNE_RESUME,
+    MNEMOSYNE_SHRINK,
     MNEMOSYNE_STORE_ADDR,
     MNEMOSYNE_TOKEN,
     MNEMOSYNE_WORLD_SIZE,
@@ -88,11 +90,10 @@ from mnemosyne.jit._state import flatten
 from mnemosyne.jit._step import Step, _rng_seed
 from mnemosyne.jit._store import connect_job_store
 from mnemosyne.jit._watchdog import Watchdog
-from mnemosyne.jit.agent import MNEMOSYNE_SHRINK
 from mnemosyne.jit.data import DataCursor, assign_data_ranks, loader_for_rank
 from mnemosyne.jit.inject import InjectedFault, Injector, parse_plans
 
-__all__ = ["EXIT_CKPT", "EXIT_EXCEPTION", "MNEMOSYNE_RESUME", "Job", "Step", "init", "joining"]
+__all__ = ["EXIT_CKPT", "EXIT_EXCEPTION", "Job", "Step", "init", "joining"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +106,6 @@ EXIT_REPLACED = 18
 EXIT_CKPT = 19
 #: Exit code of a trainer whose part of an ordered checkpoint failed.
 EXIT_CKPT_FAILED = 20
-#: Checkpoint every rank loads before its first step (set by ``mnemo launch --resume``).
-MNEMOSYNE_RESUME = "MNEMOSYNE_RESUME"
 
 # How long a rank that saw a communicator error waits for the agent's new epoch before
 # asking for a rebuild of the same members (an error no process death explains).

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import mnemosyne.jit as mj
+from mnemosyne.core.env import MNEMOSYNE_LOCAL_RANK, MNEMOSYNE_RANK, MNEMOSYNE_WORLD_SIZE
 from mnemosyne.jit.demo.data import MarkovTokens
 from mnemosyne.jit.demo.model import GPT, GPTConfig
 
@@ -120,13 +121,13 @@ def peak_memory(device: torch.device) -> int:
 def main(argv: list[str] | None = None) -> None:
     """Train; write the final state when ``--out`` is given."""
     args = parse_args(argv)
-    rank = int(os.environ.get("MNEMOSYNE_RANK", "0"))
+    rank = int(os.environ.get(MNEMOSYNE_RANK, "0"))
     out = Path(args.out) if args.out else None
     if out is not None:
         (out / "started").mkdir(parents=True, exist_ok=True)
         (out / "started" / f"rank{rank}.{os.getpid()}").touch()
-    device = pick_device(int(os.environ.get("MNEMOSYNE_WORLD_SIZE", "1")),
-                         int(os.environ.get("MNEMOSYNE_LOCAL_RANK", "0")))
+    device = pick_device(int(os.environ.get(MNEMOSYNE_WORLD_SIZE, "1")),
+                         int(os.environ.get(MNEMOSYNE_LOCAL_RANK, "0")))
     # A replacement receives its whole state inside mj.init: no need to initialize it.
     model, opt, sched, data = build(args, device, init_weights=not mj.joining())
 
