@@ -10,6 +10,8 @@
 * Every ``MNEMOSYNE_*`` environment variable is defined once, in ``mnemosyne.core.env``:
   shipped code (each package's ``src/``) neither assigns a ``MNEMOSYNE_*`` name nor spells
   one as a string literal, and mentions no name that ``core/env.py`` does not define.
+* No import cycle inside any package: module-level imports (imports inside functions and
+  under ``if TYPE_CHECKING:`` do not run at import time and are not counted).
 
 Usage: python tools/repo_check.py  (exit 1 and one line per problem when something is wrong)
 """
@@ -131,6 +133,115 @@ def check_env_names(root: Path = ROOT) -> list[str]:
     return problems
 
 
+def _module_name(path: Path, src: Path) -> str:
+    parts = list(path.relative_to(src).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _import_time_imports(body: list[ast.stmt], module: str, is_pkg: bool) -> list[tuple[str, str]]:
+    """``(module, name)`` pairs imported when ``body`` runs (``name`` empty for ``import module``).
+
+    Not counted: imports inside functions and under ``if TYPE_CHECKING:``.
+    """
+    out: list[tuple[str, str]] = []
+    for node in body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            out += _import_time_imports(node.orelse, module, is_pkg)
+            continue
+        if isinstance(node, ast.Import):
+            out += [(a.name, "") for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                pkg = module.split(".") if is_pkg else module.split(".")[:-1]
+                pkg = pkg[: len(pkg) - node.level + 1]
+                base = ".".join([*pkg, *([base] if base else [])])
+            out += [(base, a.name) for a in node.names]
+        stmts: list[ast.stmt] = []
+        for field in ("body", "orelse", "finalbody", "handlers"):
+            for child in getattr(node, field, None) or []:
+                if isinstance(child, ast.ExceptHandler):
+                    stmts += child.body
+                elif isinstance(child, ast.stmt):
+                    stmts.append(child)
+        out += _import_time_imports(stmts, module, is_pkg)
+    return out
+
+
+def import_graph(folder: Path) -> dict[str, set[str]]:
+    """Module -> the modules of the same distribution it imports at import time.
+
+    ``from pkg import mod`` is an import of ``pkg.mod`` when that is a module, else of
+    ``pkg`` (a name defined there); the ``__init__`` of parent packages is not counted.
+    """
+    src = folder / "src"
+    files = {_module_name(p, src): p for p in src.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        edges = set()
+        for base, alias in _import_time_imports(ast.parse(path.read_text()).body, name, path.name == "__init__.py"):
+            target = f"{base}.{alias}" if alias and f"{base}.{alias}" in files else base
+            if target in files and target != name:
+                edges.add(target)
+        graph[name] = edges
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def check_import_cycles(root: Path = ROOT) -> list[str]:
+    """No package imports itself in a circle at import time."""
+    problems = []
+    for folder in PACKAGES.values():
+        graph = import_graph(root / folder.relative_to(ROOT))
+        for comp in _cycles(graph):
+            problems.append(f"{folder.relative_to(ROOT)}: import cycle {' -> '.join(comp)} (module-level "
+                            "imports; move the shared names to a module both import)")
+    return problems
+
+
 def main() -> int:
     problems = check_namespace()
     for name, folder in PACKAGES.items():
@@ -138,6 +249,7 @@ def main() -> int:
     problems += check_generated()
     problems += check_ci_runs_readme_tests()
     problems += check_env_names()
+    problems += check_import_cycles()
     for p in problems:
         print(p)
     print(f"repo_check: {len(problems)} problem(s)")

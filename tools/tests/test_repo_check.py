@@ -16,6 +16,7 @@ def test_repo_is_clean():
     problems = mod.check_namespace()
     for name, folder in mod.PACKAGES.items():
         problems += mod.check_package(name, folder)
+    problems += mod.check_env_names() + mod.check_import_cycles()
     assert problems == []
 
 
@@ -49,3 +50,24 @@ def test_env_names_are_defined_in_core_env_only(tmp_path):
     assert any("defines MNEMOSYNE_SHRINK" in p for p in problems)
     assert any("spells 'MNEMOSYNE_RANK'" in p for p in problems)
     assert any("mentions MNEMOSYNE_NOWHERE" in p for p in problems)
+
+
+def test_import_cycle_is_flagged_but_not_lazy_or_type_checking_imports(tmp_path):
+    mod = _load()
+    pkg = "mnemosyne-jit/src/mnemosyne/jit"
+    _tree(tmp_path, {
+        f"{pkg}/__init__.py": "",
+        f"{pkg}/a.py": "from mnemosyne.jit import b\n",
+        f"{pkg}/b.py": "from mnemosyne.jit.c import X\n",
+        f"{pkg}/c.py": "import mnemosyne.jit.a\nX = 1\n",
+        f"{pkg}/d.py": ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from mnemosyne.jit import e\n"),
+        f"{pkg}/e.py": "def f():\n    from mnemosyne.jit import d\n",
+        f"{pkg}/f.py": "try:\n    from . import g\nexcept ImportError:\n    pass\n",
+        f"{pkg}/g.py": "from .f import thing\n",
+    })
+    for other in ("packages/mnemosyne-core", "mnemosyne-ccl", "mnemosyne-proxy", "mnemosyne-cli"):
+        (tmp_path / other / "src").mkdir(parents=True)
+    problems = mod.check_import_cycles(tmp_path)
+    assert len(problems) == 2, problems
+    assert "mnemosyne.jit.a -> mnemosyne.jit.b -> mnemosyne.jit.c" in problems[0]
+    assert "mnemosyne.jit.f -> mnemosyne.jit.g" in problems[1]

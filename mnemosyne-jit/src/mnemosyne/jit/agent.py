@@ -72,6 +72,7 @@ from mnemosyne.core.store import Store
 from mnemosyne.jit import _keys
 from mnemosyne.jit._agent_config import AgentConfig, check_config, job_info_dir, read_token_file
 from mnemosyne.jit._coordinator import DEFAULT_CKPT_DIR, Coordinator, Failure
+from mnemosyne.jit._protocol import EXIT_CKPT, EXIT_JOB_CKPT
 from mnemosyne.jit._proxies import ProxyPool
 from mnemosyne.jit._store import JobStoreHost, connect_job_store, host_job_store, parse_addr
 
@@ -80,8 +81,6 @@ __all__ = ["DEFAULT_CKPT_DIR", "EXIT_JOB_CKPT", "Agent", "AgentConfig", "RankSta
 
 logger = logging.getLogger(__name__)
 
-#: Exit code of ``mnemo launch`` when the job stopped after a just-in-time checkpoint.
-EXIT_JOB_CKPT = 3
 
 # Settings every spawned process gets unless the user set them: one intra-op thread per
 # rank (as torchrun does), and NCCL kept in a mode where in-process recovery is possible.
@@ -402,7 +401,6 @@ class Agent:
     def _finish_checkpoint(self, codes: dict[int, int]) -> int:
         """Every survivor exited after an ordered checkpoint: report it and return the job's exit code."""
         from mnemosyne.jit import ckpt
-        from mnemosyne.jit.runtime import EXIT_CKPT
 
         assert self.ckpt_order is not None
         _epoch, root, survivors, t0 = self.ckpt_order
@@ -689,8 +687,6 @@ class Agent:
                 return self._finish_checkpoint({**self.coord.exit_codes(), **codes})
             self.emit(EventKind.INFO, "job_done", restarts=self.coord.restarts)
             return 0
-        from mnemosyne.jit.runtime import EXIT_CKPT
-
         assert self.store is not None
         if self.ckpt_order is not None:
             code = EXIT_JOB_CKPT if all(c == EXIT_CKPT for r, c in codes.items() if r in self.ckpt_order[2]) else 1

@@ -84,6 +84,7 @@ from mnemosyne.core.state import Stateful
 from mnemosyne.jit import _keys
 from mnemosyne.jit._comm import TorchBackend
 from mnemosyne.jit._gradsync import DEFAULT_BUCKET_BYTES, GradSync
+from mnemosyne.jit._protocol import EXIT_CKPT, EXIT_CKPT_FAILED, EXIT_EXCEPTION, EXIT_REPLACED
 from mnemosyne.jit._recovery import NO_STATE, agree, transfer, wait_key
 from mnemosyne.jit._select import backend_label, use_ccl
 from mnemosyne.jit._state import flatten
@@ -97,15 +98,6 @@ __all__ = ["EXIT_CKPT", "EXIT_EXCEPTION", "Job", "Step", "init", "joining"]
 
 logger = logging.getLogger(__name__)
 
-#: Exit code of a trainer that died of an exception in a step (after reporting it).
-EXIT_EXCEPTION = 17
-#: Exit code of a trainer that found itself replaced (no longer a member).
-EXIT_REPLACED = 18
-#: Exit code of a healthy trainer that took part in a just-in-time checkpoint on the
-#: agent's order (whether or not it wrote a part of it).
-EXIT_CKPT = 19
-#: Exit code of a trainer whose part of an ordered checkpoint failed.
-EXIT_CKPT_FAILED = 20
 
 # How long a rank that saw a communicator error waits for the agent's new epoch before
 # asking for a rebuild of the same members (an error no process death explains).
