@@ -79,12 +79,11 @@ from mnemosyne.core.env import (
 from mnemosyne.core.errors import CommError, ConfigError, MnemosyneError, RecoveryError
 from mnemosyne.core.events import EventKind, EventLog, phase
 from mnemosyne.core.log import ContextAdapter
-from mnemosyne.core.membership import Membership
 from mnemosyne.core.state import Stateful
 from mnemosyne.jit import _keys
 from mnemosyne.jit._comm import TorchBackend
 from mnemosyne.jit._gradsync import DEFAULT_BUCKET_BYTES, GradSync
-from mnemosyne.jit._protocol import EXIT_CKPT, EXIT_CKPT_FAILED, EXIT_EXCEPTION, EXIT_REPLACED
+from mnemosyne.jit._protocol import EXIT_CKPT, EXIT_CKPT_FAILED, EXIT_EXCEPTION, EXIT_REPLACED, read_record
 from mnemosyne.jit._recovery import NO_STATE, agree, transfer, wait_key
 from mnemosyne.jit._select import backend_label, use_ccl
 from mnemosyne.jit._state import flatten
@@ -174,7 +173,9 @@ class Job:
         #: ``ccl-gloo``, ``torch-gloo``, ... (recorded in the events).
         self.backend_name = backend_label(self._ccl, self.device.type)
         self.logger.info("communicator: %s", self.backend_name)
-        self._member = Membership.from_json(self.store.get(_keys.membership(start_epoch), timeout)).members.get(rank)
+        #: The epoch record of ``self.epoch`` (read once per epoch).
+        self._record = read_record(self.store, start_epoch, timeout)
+        self._member = self._record.membership.members.get(rank)
         self.epoch = start_epoch
         self.committed = NO_STATE
         self.next_step = 0
@@ -585,7 +586,10 @@ class Job:
             comm = self._backend.create(self.store, self.rank, size, epoch=epoch, timeout=self.timeout,
                                         interrupt=self._interrupt, ranks=ranks)
             return comm, "create"
-        target = int(wait_key(self.store, _keys.comm_epoch(epoch), self._interrupt, self.timeout))
+        target = self._record.comm_epoch
+        if target is None:
+            msg = f"epoch record {epoch} names no mnemosyne-ccl communicator epoch (a torch-only agent published it?)"
+            raise RecoveryError(msg)
         if old is not None and old.epoch == target - 1:
             have, want = set(old.ranks), set(ranks)
             if have == want:
@@ -616,15 +620,19 @@ class Job:
         min_epoch = self.epoch if first else self.epoch + 1
         while True:
             epoch = self._adopt(min_epoch)
-            members = Membership.from_json(self.store.get(_keys.membership(epoch), self.timeout))
+            if self._record.epoch != epoch:
+                self._record = read_record(self.store, epoch, self.timeout)
+            members = self._record.membership
             if members.members.get(self.rank) != self._member:
                 self.logger.warning("replaced in epoch %d (holder now %s); exiting", epoch,
                                     members.members.get(self.rank))
                 os._exit(EXIT_REPLACED)
             ranks = list(members.ranks)
             self._set_pos(self.next_step, "recovery", coll=True)
-            if self.store.check([_keys.ckpt_order(epoch)]):
-                self._checkpoint_and_exit(epoch, json.loads(self.store.get(_keys.ckpt_order(epoch), self.timeout)))
+            order = self._record.ckpt
+            if order is not None:
+                self._checkpoint_and_exit(epoch, {"dir": order.dir, "ranks": list(order.ranks),
+                                                  "failed": list(order.failed)})
             try:
                 with phase(self.log, "repair", first=first, backend=self.backend_name) as t:
                     comm, how = self._connect(epoch, ranks, first)
@@ -717,8 +725,7 @@ class Job:
         self._set_pos(self.next_step, "finish", coll=True)
         self.store.set(_keys.done(self.rank), str(self.epoch).encode())
         try:
-            members = Membership.from_json(self.store.get(_keys.membership(self.epoch), self.timeout))
-            for r in members.ranks:
+            for r in self._record.membership.ranks:
                 wait_key(self.store, _keys.done(r), self._interrupt, 24 * 3600.0)
         except CommError:
             self._needs_recovery = True
