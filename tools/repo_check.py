@@ -12,6 +12,9 @@
   one as a string literal, and mentions no name that ``core/env.py`` does not define.
 * No import cycle inside any package: module-level imports (imports inside functions and
   under ``if TYPE_CHECKING:`` do not run at import time and are not counted).
+* No shipped module over 500 lines (``_generated/`` code excepted).
+* The layout rule of docs/development.md: the four components at the root
+  (``mnemosyne-<component>/``), the other distributions (core, the umbrella) under ``packages/``.
 
 Usage: python tools/repo_check.py  (exit 1 and one line per problem when something is wrong)
 """
@@ -41,7 +44,14 @@ PENDING = {
     ("env", "mnemosyne-ccl/src/mnemosyne/ccl/nccl.py"):
         "MNEMOSYNE_NCCL_NATIVE/_CACHE/_LOCAL_RANK as literals: nccl.py is being rewritten for issue 11 (async "
         "collectives); switch it to mnemosyne.core.env once that lands",
+    ("size", "mnemosyne-jit/src/mnemosyne/jit/runtime.py"):
+        "Job is split in issue 12's second phase (recovery context + flat phases), after issue 11's gradient path",
+    ("size", "mnemosyne-proxy/src/mnemosyne/proxy/server.py"):
+        "outside issue 12 (mnemosyne-jit); to be split by the proxy's owner",
 }
+MAX_LINES = 500
+#: Components (at the root) and the other distributions (under packages/): docs/development.md "Layout".
+COMPONENTS = ("ccl", "proxy", "jit", "cli")
 
 
 def _source_files(root: Path = ROOT) -> list[Path]:
@@ -242,6 +252,37 @@ def check_import_cycles(root: Path = ROOT) -> list[str]:
     return problems
 
 
+def check_module_size(root: Path = ROOT) -> list[str]:
+    """No shipped module over :data:`MAX_LINES` lines, generated code excepted."""
+    problems = []
+    for path in _source_files(root):
+        if "_generated" in path.parts or _pending("size", path, root):
+            continue
+        n = len(path.read_text().splitlines())
+        if n > MAX_LINES:
+            problems.append(f"{path.relative_to(root)}: {n} lines (at most {MAX_LINES}); split it")
+    return problems
+
+
+def check_layout(root: Path = ROOT) -> list[str]:
+    """Components at the root, every other distribution under packages/ (docs/development.md)."""
+    problems = []
+    for name, folder in PACKAGES.items():
+        want = f"mnemosyne-{name}" if name in COMPONENTS else f"packages/mnemosyne-{name}"
+        if folder.relative_to(ROOT).as_posix() != want:
+            problems.append(f"{folder.relative_to(ROOT)}: the layout rule puts mnemosyne-{name} at {want}/")
+    known = {f.relative_to(ROOT).as_posix() for f in PACKAGES.values()} | {"packages/mnemosyne"}
+    skip = {".git", ".venv", ".hatch", "node_modules", "site"}
+    for meta in root.glob("**/pyproject.toml"):
+        rel = meta.parent.relative_to(root)
+        if skip.intersection(rel.parts) or rel.as_posix() in known or rel.as_posix() == ".":
+            continue
+        if tomllib.loads(meta.read_text()).get("project", {}).get("name", "").startswith("mnemosyne"):
+            problems.append(f"{rel}: a distribution outside the layout rule (docs/development.md) and "
+                            "repo_check.PACKAGES")
+    return problems
+
+
 def main() -> int:
     problems = check_namespace()
     for name, folder in PACKAGES.items():
@@ -250,6 +291,8 @@ def main() -> int:
     problems += check_ci_runs_readme_tests()
     problems += check_env_names()
     problems += check_import_cycles()
+    problems += check_module_size()
+    problems += check_layout()
     for p in problems:
         print(p)
     print(f"repo_check: {len(problems)} problem(s)")

@@ -16,7 +16,7 @@ def test_repo_is_clean():
     problems = mod.check_namespace()
     for name, folder in mod.PACKAGES.items():
         problems += mod.check_package(name, folder)
-    problems += mod.check_env_names() + mod.check_import_cycles()
+    problems += mod.check_env_names() + mod.check_import_cycles() + mod.check_module_size() + mod.check_layout()
     assert problems == []
 
 
@@ -71,3 +71,11 @@ def test_import_cycle_is_flagged_but_not_lazy_or_type_checking_imports(tmp_path)
     assert len(problems) == 2, problems
     assert "mnemosyne.jit.a -> mnemosyne.jit.b -> mnemosyne.jit.c" in problems[0]
     assert "mnemosyne.jit.f -> mnemosyne.jit.g" in problems[1]
+
+
+def test_long_module_is_flagged_unless_generated(tmp_path):
+    mod = _load()
+    pkg = "mnemosyne-ccl/src/mnemosyne/ccl"
+    _tree(tmp_path, {f"{pkg}/big.py": "x = 1\n" * 501, f"{pkg}/_generated/big.py": "x = 1\n" * 900,
+                     f"{pkg}/ok.py": "x = 1\n" * 500})
+    assert mod.check_module_size(tmp_path) == [f"{pkg}/big.py: 501 lines (at most 500); split it"]
