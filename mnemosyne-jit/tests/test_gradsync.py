@@ -219,10 +219,10 @@ def test_async_all_reduce_work_honours_abort():
 
 @pytest.mark.timeout(60)
 def test_async_all_reduce_of_the_torch_fallback():
+    import torch.distributed as dist
+
     from mnemosyne.jit._comm import TorchBackend
     from mnemosyne.jit._store import TorchStore
-
-    import torch.distributed as dist
 
     server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     out = {}

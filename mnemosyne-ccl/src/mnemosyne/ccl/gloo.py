@@ -21,15 +21,8 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from mnemosyne.ccl._base import (
-    FlexCommunicator,
-    FlexWork,
-    advance_epoch,
-    agree_members,
-    comm_prefix,
-    member_order,
-    read_members,
-)
+from mnemosyne.ccl._base import FlexCommunicator, FlexWork
+from mnemosyne.ccl._epochs import advance_epoch, agree_members, comm_prefix, member_order, read_members
 from mnemosyne.core.comm import CommBackend, ReduceOp
 from mnemosyne.core.errors import CommAborted, CommError, ConfigError, MissingDependencyError, StaleEpochError
 from mnemosyne.core.store import Store
@@ -56,13 +49,7 @@ def torch_op(op: ReduceOp) -> Any:
     """torch.distributed.ReduceOp for a core ReduceOp."""
     import torch.distributed as dist
 
-    return {
-        ReduceOp.SUM: dist.ReduceOp.SUM,
-        ReduceOp.AVG: dist.ReduceOp.AVG,
-        ReduceOp.PRODUCT: dist.ReduceOp.PRODUCT,
-        ReduceOp.MIN: dist.ReduceOp.MIN,
-        ReduceOp.MAX: dist.ReduceOp.MAX,
-    }[op]
+    return op.of(dist.ReduceOp)
 
 
 def _helper_loop(q: queue.SimpleQueue[Any]) -> None:

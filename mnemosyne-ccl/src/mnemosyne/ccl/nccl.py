@@ -44,9 +44,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mnemosyne.ccl._base import FlexCommunicator, FlexWork, advance_epoch, agree_members, comm_prefix, member_order
+from mnemosyne.ccl._base import FlexCommunicator, FlexWork
+from mnemosyne.ccl._epochs import advance_epoch, agree_members, comm_prefix, member_order
 from mnemosyne.core.comm import CommBackend, ReduceOp
-from mnemosyne.core.env import env_int
+from mnemosyne.core.env import MNEMOSYNE_LOCAL_RANK, MNEMOSYNE_NCCL_CACHE, MNEMOSYNE_NCCL_NATIVE, env_int
 from mnemosyne.core.errors import CommAborted, CommError, ConfigError, MissingDependencyError
 from mnemosyne.core.store import Store
 
@@ -58,7 +59,7 @@ logger = logging.getLogger(__name__)
 NCCL_SHRINK_MIN = (2, 27, 3)
 NCCL_GROW_MIN = (2, 29, 2)
 #: Variable that turns on ncclCommShrink/ncclCommGrow through nccl4py ("1"; default off).
-NATIVE_ENV = "MNEMOSYNE_NCCL_NATIVE"
+NATIVE_ENV = MNEMOSYNE_NCCL_NATIVE
 
 
 def _native_children() -> bool:
@@ -105,16 +106,11 @@ def _in_progress(exc: BaseException) -> bool:
     return getattr(exc, "status", None) == 7 or "InProgress" in str(exc)
 
 
-def _red_op(nccl: Any, op: ReduceOp) -> Any:
-    return {ReduceOp.SUM: nccl.SUM, ReduceOp.AVG: nccl.AVG, ReduceOp.PRODUCT: nccl.PROD,
-            ReduceOp.MIN: nccl.MIN, ReduceOp.MAX: nccl.MAX}[op]
-
-
 class _TopoCache:
     """Where this host keeps NCCL's topology and graph dumps."""
 
     def __init__(self, root: str | None) -> None:
-        base = root or os.environ.get("MNEMOSYNE_NCCL_CACHE") or os.path.join(
+        base = root or os.environ.get(MNEMOSYNE_NCCL_CACHE) or os.path.join(
             tempfile.gettempdir(), f"mnemosyne-nccl-{os.getuid()}")
         self.root = Path(base)
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -306,7 +302,7 @@ class NcclCommunicator(FlexCommunicator):
 
     def all_reduce(self, tensor: Any, op: ReduceOp = ReduceOp.SUM, *, async_op: bool = False) -> FlexWork | None:
         """Reduce ``tensor`` in place across all members (``async_op``: on the side stream, return the work)."""
-        red = _red_op(_nccl(), op)
+        red = op.of(_nccl(), PRODUCT="PROD")
         return self._run("all_reduce", lambda c, s: c.allreduce(tensor, tensor, red, stream=s), async_op=async_op,
                          tensors=(tensor,))
 
@@ -336,7 +332,7 @@ class NcclCommunicator(FlexCommunicator):
         import torch
 
         flat = torch.stack(self._sorted_to_physical(inputs, "reduce_scatter"))
-        red = _red_op(_nccl(), op)
+        red = op.of(_nccl(), PRODUCT="PROD")
         self._run("reduce_scatter", lambda c, s: c.reduce_scatter(flat, output, red, stream=s))
 
     def send(self, tensor: Any, dst: int) -> None:
@@ -444,7 +440,7 @@ class NcclBackend(CommBackend):
 
     def __init__(self, device: int | None = None, cache_dir: str | None = None) -> None:
         if device is None:
-            device = int(os.environ.get("MNEMOSYNE_LOCAL_RANK") or os.environ.get("LOCAL_RANK") or 0)
+            device = int(os.environ.get(MNEMOSYNE_LOCAL_RANK) or os.environ.get("LOCAL_RANK") or 0)
         self.device = device
         self._cache_dir = cache_dir
 

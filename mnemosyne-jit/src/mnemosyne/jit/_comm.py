@@ -60,18 +60,6 @@ def torch_store_of(store: Store) -> tuple[TorchStore | None, str]:
     return cur, "/".join(reversed(parts))
 
 
-def _to_torch_op(op: ReduceOp) -> Any:
-    import torch.distributed as dist
-
-    return {
-        ReduceOp.SUM: dist.ReduceOp.SUM,
-        ReduceOp.AVG: dist.ReduceOp.AVG,
-        ReduceOp.PRODUCT: dist.ReduceOp.PRODUCT,
-        ReduceOp.MIN: dist.ReduceOp.MIN,
-        ReduceOp.MAX: dist.ReduceOp.MAX,
-    }[op]
-
-
 class TorchComm:
     """One epoch of a torch ProcessGroup, with abort from any thread (a core Communicator).
 
@@ -228,7 +216,7 @@ class TorchComm:
         import torch.distributed as dist
 
         opts = dist.AllreduceOptions()
-        opts.reduceOp = _to_torch_op(op)
+        opts.reduceOp = op.of(dist.ReduceOp)
         work = TorchWork(self, "all_reduce", self._launch("all_reduce", lambda: self._pg.allreduce([tensor], opts)))
         if async_op:
             return work
@@ -253,7 +241,7 @@ class TorchComm:
         import torch.distributed as dist
 
         opts = dist.ReduceScatterOptions()
-        opts.reduceOp = _to_torch_op(op)
+        opts.reduceOp = op.of(dist.ReduceOp)
         self._run("reduce_scatter", lambda: self._pg.reduce_scatter([output], [inputs], opts))
 
     def send(self, tensor: Any, dst: int, tag: int = 0) -> None:

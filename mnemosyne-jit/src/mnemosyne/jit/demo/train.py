@@ -93,7 +93,7 @@ def build(args: argparse.Namespace, device: torch.device, *,
         model = model.to_empty(device=device)
         model.tie_weights()  # to_empty gives each parameter name its own tensor
     fused = bool(getattr(args, "fused_adam", False)) and device.type == "cuda"
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, **({"fused": True} if fused else {}))
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, fused=True if fused else None)
     warm = max(1, args.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
     data = MarkovTokens(args.samples, args.block, args.vocab, seed=1234)

@@ -65,6 +65,17 @@ class ReduceOp(enum.Enum):
     MIN = "min"
     MAX = "max"
 
+    def of(self, namespace: Any, **spelled: str) -> Any:
+        """This operator in a transport's own enum, found by name: the one mapping every backend uses.
+
+        ``ReduceOp.SUM.of(torch.distributed.ReduceOp)``; where the transport spells a name
+        differently, say so: ``op.of(nccl, PRODUCT="PROD")``.
+
+        Raises:
+            AttributeError: The transport has no such operator.
+        """
+        return getattr(namespace, spelled.get(self.name, self.name))
+
 
 @runtime_checkable
 class Work(Protocol):
