@@ -20,16 +20,16 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from mnemosyne.ccl._epochs import _check_ranks, advance_epoch, agree_members, comm_prefix
-from mnemosyne.core.comm import Communicator, ReduceOp
+from mnemosyne.core.comm import CommBackend, Communicator, ReduceOp
 from mnemosyne.core.errors import (
     CollectiveTimeout,
     CommAborted,
     ConfigError,
     PeerFailureError,
 )
-from mnemosyne.core.store import Store
+from mnemosyne.core.store import Store, wait_key
 
-__all__ = ["FlexCommunicator", "FlexWork"]
+__all__ = ["FlexBackend", "FlexCommunicator", "FlexWork"]
 
 logger = logging.getLogger(__name__)
 
@@ -421,6 +421,44 @@ class FlexCommunicator(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release resources; the communicator is unusable afterwards."""
+
+
+class FlexBackend(CommBackend):
+    """What every mnemosyne-ccl backend shares: :meth:`repair` by rebuild, shrink, grow or join."""
+
+    def repair(self, old: Communicator | None, store: Store, rank: int, ranks: Sequence[int], *, epoch: int,
+               joining: bool = False, timeout: float = 30.0,
+               interrupt: threading.Event | None = None) -> Communicator:
+        """See :meth:`CommBackend.repair`; ``epoch`` is the "world" family's epoch to build.
+
+        A member whose communicator is at ``epoch - 1`` repairs it in one step: with the
+        same logical ranks by ``rebuild()`` (Gloo's physical order stays sorted, so
+        reductions sum in the same order as before), with fewer by ``shrink(dead)``, with
+        more by ``grow(added)`` (the newcomers ``join``). A newcomer joins ``epoch`` once a
+        survivor published the member list (waiting interruptibly); a member whose
+        communicator is older (it missed an epoch while recovering), or whose members
+        changed both ways, creates ``epoch`` over ``ranks``, which agrees on the same
+        member list. The agent's ``signal_abort`` of ``epoch`` ends any of these builds.
+        """
+        if old is not None and old.epoch == epoch - 1:
+            have, want = set(old.ranks), set(ranks)
+            if have == want:
+                self.last_repair = "rebuild"
+                return old.rebuild()
+            if want < have:
+                self.last_repair = "shrink"
+                return old.shrink(sorted(have - want))
+            if have < want:
+                self.last_repair = "grow"
+                return old.grow(sorted(want - have))
+        if old is not None:
+            old.close()
+        if old is None and joining and len(ranks) > 1:
+            wait_key(store, f"{comm_prefix('world', epoch)}/members", interrupt, timeout)
+            self.last_repair = "join"
+            return self.join(store, rank, epoch=epoch, timeout=timeout)
+        self.last_repair = "create"
+        return self.create(store, rank, len(ranks), epoch=epoch, timeout=timeout, ranks=ranks)
 
 
 def _typecheck(c: FlexCommunicator) -> Communicator:

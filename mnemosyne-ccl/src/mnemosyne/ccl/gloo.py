@@ -21,9 +21,9 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from mnemosyne.ccl._base import FlexCommunicator, FlexWork
+from mnemosyne.ccl._base import FlexBackend, FlexCommunicator, FlexWork
 from mnemosyne.ccl._epochs import advance_epoch, agree_members, comm_prefix, member_order, read_members
-from mnemosyne.core.comm import CommBackend, ReduceOp
+from mnemosyne.core.comm import ReduceOp
 from mnemosyne.core.errors import CommAborted, CommError, ConfigError, MissingDependencyError, StaleEpochError
 from mnemosyne.core.store import Store
 
@@ -273,7 +273,7 @@ class GlooCommunicator(FlexCommunicator):
         self._retire()
 
 
-class GlooBackend(CommBackend):
+class GlooBackend(FlexBackend):
     """Creates Gloo communicators (entry point ``gloo`` of ``mnemosyne.ccl.backends``)."""
 
     name = "gloo"

@@ -44,9 +44,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mnemosyne.ccl._base import FlexCommunicator, FlexWork
+from mnemosyne.ccl._base import FlexBackend, FlexCommunicator, FlexWork
 from mnemosyne.ccl._epochs import advance_epoch, agree_members, comm_prefix, member_order
-from mnemosyne.core.comm import CommBackend, ReduceOp
+from mnemosyne.core.comm import ReduceOp
 from mnemosyne.core.env import MNEMOSYNE_LOCAL_RANK, MNEMOSYNE_NCCL_CACHE, MNEMOSYNE_NCCL_NATIVE, env_int
 from mnemosyne.core.errors import CommAborted, CommError, ConfigError, MissingDependencyError
 from mnemosyne.core.store import Store
@@ -427,7 +427,7 @@ def _published_devices(store: Store, prefix: str, order: tuple[int, ...], rank: 
     return [store.get(k, comm.timeout).decode() for k in keys]
 
 
-class NcclBackend(CommBackend):
+class NcclBackend(FlexBackend):
     """Creates NCCL communicators (entry point ``nccl`` of ``mnemosyne.ccl.backends``).
 
     Args:

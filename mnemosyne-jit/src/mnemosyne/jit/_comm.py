@@ -2,7 +2,9 @@
 
 Every membership epoch gets a brand-new torch ProcessGroup (Gloo on CPU, NCCL on GPU)
 built under a fresh store prefix; nothing of a previous epoch is reused ("everyone
-rebuilds": slower than ccl's shrink/grow, but correct). The members are logical ranks,
+rebuilds": slower than ccl's shrink/grow, but correct). :class:`TorchBackend` registers
+as the ``torch`` backend under :data:`~mnemosyne.core.comm.BACKENDS_ENTRY_POINT`, next to
+ccl's ``gloo`` and ``nccl``; its transport is the constructor's argument. The members are logical ranks,
 possibly with gaps (a shrunk job: ``[0, 1, 3]``); the group's own (physical) rank of a
 member is its index in the sorted member list, and every call that names a peer
 translates.
@@ -29,7 +31,7 @@ from typing import Any
 
 from mnemosyne.core.comm import CommBackend, Communicator, ReduceOp
 from mnemosyne.core.errors import CommAborted, CommError, PeerFailureError
-from mnemosyne.core.store import PrefixStore, Store
+from mnemosyne.core.store import PrefixStore, Store, wait_until
 from mnemosyne.jit import _keys
 from mnemosyne.jit._store import TorchStore
 
@@ -337,20 +339,6 @@ class TorchWork:
         self._finished = True
 
 
-def _wait_for(done: Callable[[], bool], interrupt: threading.Event | None, deadline: float, what: str,
-              late: Callable[[], str], pause: float = 0.0) -> None:
-    """Poll ``done`` until true; a set ``interrupt`` raises CommAborted, the deadline CommError."""
-    while not done():
-        if interrupt is not None and interrupt.is_set():
-            msg = f"{what} interrupted by a newer epoch"
-            raise CommAborted(msg)
-        if time.monotonic() > deadline:
-            msg = f"{what}: {late()}"
-            raise CommError(msg)
-        if pause:
-            time.sleep(pause)
-
-
 class TorchBackend(CommBackend):
     """Creates :class:`TorchComm` groups; ``join`` is ``create`` (every member rebuilds).
 
@@ -402,8 +390,9 @@ class TorchBackend(CommBackend):
         store.set(f"{key}/ranks", json.dumps(list(members)).encode())
         store.add(key, 1)
         deadline = time.monotonic() + timeout
-        _wait_for(lambda: store.add(key, 0) >= size, interrupt, deadline, f"rendezvous of epoch {epoch}",
-                  lambda: f"only {store.add(key, 0)} of {size} members arrived in {timeout} s", 0.002)
+        wait_until(lambda: store.add(key, 0) >= size, interrupt, timeout, f"rendezvous of epoch {epoch}",
+                   late=lambda: f"only {store.add(key, 0)} of {size} members arrived in {timeout} s",
+                   error=CommError, pause=0.002, max_pause=0.002)
         pg_store: Any
         if ts is None:
             # A GPU job on mnemosyne-ccl's store without nccl4py: torch bootstraps from
@@ -429,12 +418,22 @@ class TorchBackend(CommBackend):
                 built.set()
 
         threading.Thread(target=build, name=f"mnemosyne-pg-e{epoch}", daemon=True).start()
-        _wait_for(lambda: built.wait(0.005), interrupt, deadline, f"building the group of epoch {epoch}",
-                  lambda: f"took longer than {timeout} s")
+        wait_until(lambda: built.wait(0.005), interrupt, deadline - time.monotonic(),
+                   f"building the group of epoch {epoch}", late=lambda: f"took longer than {timeout} s",
+                   error=CommError, pause=0.0)
         if "err" in box:
             msg = f"building the {self.backend} group of epoch {epoch} failed: {box['err']}"
             raise CommError(msg) from box["err"]
         return TorchComm(box["pg"], rank, size, epoch, self.backend, members)
+
+    def repair(self, old: Communicator | None, store: Store, rank: int, ranks: Sequence[int], *, epoch: int,
+               joining: bool = False, timeout: float = 60.0,
+               interrupt: threading.Event | None = None) -> TorchComm:
+        """Every member builds a fresh group over ``ranks`` (see module doc); ``epoch`` is the membership's."""
+        if old is not None:
+            old.close()
+        self.last_repair = "create"
+        return self.create(store, rank, len(ranks), epoch=epoch, timeout=timeout, interrupt=interrupt, ranks=ranks)
 
     def join(self, store: Store, rank: int, *, epoch: int, timeout: float = 60.0) -> TorchComm:
         """Same as :meth:`create`: in the fallback every member rebuilds."""

@@ -40,13 +40,11 @@ class Publisher:
         return record
 
     def _next_comm_epoch(self, epoch: int, reason: str) -> int:
-        from mnemosyne.ccl import signal_abort
+        from mnemosyne.ccl import newest_epoch, signal_abort
 
         if epoch > 0:
-            newest = self.comm_epoch
-            key = "ccl/world/epoch"  # newest epoch any member started (ccl's store layout)
-            if self.store.check([key]):
-                newest = max(newest, int(self.store.get(key, 5.0)))
+            # The newest epoch any member started building (ccl's fence), if past ours.
+            newest = max(self.comm_epoch, newest_epoch(self.store) or 0)
             for e in sorted({self.comm_epoch, newest}):
                 signal_abort(self.store, e, f"membership epoch {epoch}: {reason}")
             self.comm_epoch = newest + 1

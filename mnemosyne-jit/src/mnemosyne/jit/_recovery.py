@@ -25,15 +25,15 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from mnemosyne.core.errors import CommAborted, RecoveryError, StoreTimeout
+from mnemosyne.core.errors import RecoveryError
 from mnemosyne.core.store import Store
+from mnemosyne.core.store import wait_key as _wait_key
 from mnemosyne.jit import _keys
 from mnemosyne.jit._state import (
     TensorSpec,
@@ -78,28 +78,13 @@ class Agreement:
 
 
 def wait_key(store: Store, key: str, interrupt: threading.Event, timeout: float) -> bytes:
-    """Get ``key``, waiting in short slices so that ``interrupt`` ends the wait at once.
+    """Get ``key``, interruptibly (:func:`mnemosyne.core.store.wait_key`).
 
     Raises:
         CommAborted: ``interrupt`` was set (a newer epoch exists).
         RecoveryError: The key did not appear within ``timeout`` seconds.
     """
-    deadline = time.monotonic() + timeout
-    pause = 0.0005
-    while not store.check([key]):
-        if interrupt.is_set():
-            msg = f"waiting for {key!r} interrupted by a newer epoch"
-            raise CommAborted(msg)
-        if time.monotonic() > deadline:
-            msg = f"recovery: store key {key!r} did not appear within {timeout} s"
-            raise RecoveryError(msg)
-        time.sleep(pause)
-        pause = min(pause * 2, 0.01)
-    try:
-        return store.get(key, 5.0)
-    except StoreTimeout as exc:  # deleted between check and get: treat as missing
-        msg = f"recovery: store key {key!r} vanished"
-        raise RecoveryError(msg) from exc
+    return _wait_key(store, key, interrupt, timeout, error=RecoveryError)
 
 
 def agree(store: Store, epoch: int, rank: int, ranks: list[int], committed: int, started: int,

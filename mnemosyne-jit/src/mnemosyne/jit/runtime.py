@@ -61,6 +61,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mnemosyne.core import plugins
+from mnemosyne.core.comm import BACKENDS_ENTRY_POINT, CommBackend, Communicator
 from mnemosyne.core.env import (
     MNEMOSYNE_EPOCH,
     MNEMOSYNE_EVENT_LOG,
@@ -81,7 +83,6 @@ from mnemosyne.core.events import EventKind, EventLog, phase
 from mnemosyne.core.log import ContextAdapter
 from mnemosyne.core.state import Stateful
 from mnemosyne.jit import _keys
-from mnemosyne.jit._comm import TorchBackend
 from mnemosyne.jit._gradsync import DEFAULT_BUCKET_BYTES, GradSync
 from mnemosyne.jit._protocol import EXIT_CKPT, EXIT_CKPT_FAILED, EXIT_EXCEPTION, EXIT_REPLACED, read_record
 from mnemosyne.jit._recovery import NO_STATE, agree, transfer, wait_key
@@ -164,12 +165,9 @@ class Job:
             self.logger.warning("mnemosyne-ccl's NCCL backend needs nccl4py (pip install "
                                 "'mnemosyne-ccl[nccl]'); using torch's ProcessGroupNCCL instead")
             self._ccl = False
-        if self._ccl:
-            from mnemosyne.ccl import backend
-
-            self._backend: Any = backend(transport)
-        else:
-            self._backend = TorchBackend(transport)
+        # ccl's "gloo"/"nccl", or the fallback "torch" (whose transport is its argument).
+        cls = plugins.load(BACKENDS_ENTRY_POINT, transport if self._ccl else "torch")
+        self._backend: CommBackend = cls() if self._ccl else cls(transport)
         #: ``ccl-gloo``, ``torch-gloo``, ... (recorded in the events).
         self.backend_name = backend_label(self._ccl, self.device.type)
         self.logger.info("communicator: %s", self.backend_name)
@@ -180,7 +178,7 @@ class Job:
         self.committed = NO_STATE
         self.next_step = 0
         self.recoveries = 0
-        self._comm: Any = None
+        self._comm: Communicator | None = None
         self._comm_for = -1  # membership epoch the current communicator was built for
         self._gradsync: GradSync | None = None
         self._elock = threading.Lock()
@@ -560,52 +558,21 @@ class Job:
         for name, obj in self.extra.items():
             obj.load_state_dict(state["extra"][name])
 
-    def _connect(self, epoch: int, ranks: list[int], first: bool) -> tuple[Any, str]:
-        """Build the communicator of membership ``epoch`` over logical ``ranks``; return it and how.
+    def _connect(self, epoch: int, ranks: list[int], first: bool) -> tuple[Communicator, str]:
+        """Repair the communicator for membership ``epoch`` over logical ``ranks``; return it and how.
 
-        Fallback (plain torch.distributed): every member builds a fresh group over
-        ``ranks`` (torch's rank of a member: its index in the sorted list).
-
-        mnemosyne-ccl: the agent names the ccl epoch ``target`` for this membership epoch.
-        A survivor whose communicator is at ``target - 1`` repairs it in one step: with
-        the same logical ranks by ``rebuild()`` (Gloo's physical order stays sorted, so
-        reductions sum in the same order as before), with fewer by ``shrink(dead)`` (a
-        shrunk job), with more by ``grow(added)`` (a shrunk job growing back, the
-        newcomers ``join``). A replacement process joins ``target`` with ``backend.join``
-        once a survivor published the member list; a member whose communicator is older
-        (it missed an epoch while recovering), or whose members changed both ways,
-        creates ``target`` over ``ranks``, which agrees on the same member list. A newer
-        membership epoch aborts the build through the target's abort key (the agent's
-        ``signal_abort``).
+        The backend decides how (:meth:`~mnemosyne.core.comm.CommBackend.repair`). With
+        mnemosyne-ccl the record names the epoch of ccl's communicator family to build
+        (the agent's choice); the fallback builds a group per membership epoch.
         """
         old, self._comm = self._comm, None
-        size = len(ranks)
-        if not self._ccl:
-            if old is not None:
-                old.close()
-            comm = self._backend.create(self.store, self.rank, size, epoch=epoch, timeout=self.timeout,
-                                        interrupt=self._interrupt, ranks=ranks)
-            return comm, "create"
-        target = self._record.comm_epoch
+        target = self._record.comm_epoch if self._ccl else epoch
         if target is None:
             msg = f"epoch record {epoch} names no mnemosyne-ccl communicator epoch (a torch-only agent published it?)"
             raise RecoveryError(msg)
-        if old is not None and old.epoch == target - 1:
-            have, want = set(old.ranks), set(ranks)
-            if have == want:
-                return old.rebuild(), "rebuild"
-            if want < have:
-                return old.shrink(sorted(have - want)), "shrink"
-            if have < want:
-                return old.grow(sorted(want - have)), "grow"
-        if old is not None:
-            old.close()
-        if old is None and first and epoch > 0 and size > 1:
-            # A replacement: wait (interruptibly) until survivors published the members.
-            wait_key(self.store, f"ccl/world/e{target}/members", self._interrupt, self.timeout)
-            return self._backend.join(self.store, self.rank, epoch=target, timeout=self.timeout), "join"
-        return self._backend.create(self.store, self.rank, size, epoch=target, timeout=self.timeout,
-                                    ranks=ranks), "create"
+        comm = self._backend.repair(old, self.store, self.rank, ranks, epoch=target, joining=first and epoch > 0,
+                                    timeout=self.timeout, interrupt=self._interrupt)
+        return comm, self._backend.last_repair
 
     def _recover(self, first: bool = False) -> None:
         t0 = time.perf_counter()

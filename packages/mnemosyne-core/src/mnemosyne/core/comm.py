@@ -37,6 +37,13 @@ Asynchronous collectives (``all_reduce(..., async_op=True)``) return a :class:`W
    written by the transport for a while, so the caller never reuses them in a later
    epoch (the runtime allocates new gradient buckets after every recovery).
 
+Repair, after a membership change: every member of the new epoch calls
+:meth:`CommBackend.repair` once with the new epoch and member list (a newcomer with
+``old=None, joining=True``); the backend picks how: rebuild (same members), shrink,
+grow (survivors; the newcomers join), or a fresh group (a backend without flexible
+communicators, or a member whose communicator is too old). Nobody outside the backend
+knows its store keys.
+
 Tensors are typed ``Any`` so that this module does not import torch; backends document
 which tensor types and devices they accept.
 """
@@ -44,6 +51,7 @@ which tensor types and devices they accept.
 from __future__ import annotations
 
 import enum
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -208,10 +216,37 @@ class CommBackend(ABC):
 
     #: Name used in configuration and the entry point (e.g. "gloo", "nccl").
     name: str = ""
+    #: How the last :meth:`repair` made its communicator (``rebuild``, ``shrink``, ``grow``,
+    #: ``join`` or ``create``), for the caller's events.
+    last_repair: str = ""
 
     @abstractmethod
-    def create(self, store: Store, rank: int, size: int, *, epoch: int = 0, timeout: float = 30.0) -> Communicator:
-        """Create epoch ``epoch`` of a group of ``size`` ranks; called by every rank."""
+    def create(self, store: Store, rank: int, size: int, *, epoch: int = 0, timeout: float = 30.0,
+               ranks: Sequence[int] | None = None) -> Communicator:
+        """Create epoch ``epoch`` of a group of ``size`` ranks; called by every rank.
+
+        ``ranks``: the members' logical ranks (default ``range(size)``); physical order
+        is sorted, so reductions sum in the same order whoever the members are.
+        """
+
+    def repair(self, old: Communicator | None, store: Store, rank: int, ranks: Sequence[int], *, epoch: int,
+               joining: bool = False, timeout: float = 30.0,
+               interrupt: threading.Event | None = None) -> Communicator:
+        """The communicator of ``epoch`` over logical ``ranks``, made from ``old`` where possible.
+
+        Call order: every member of the new epoch, once, with the same ``ranks`` and
+        ``epoch``; survivors pass their current communicator (already aborted, or not),
+        a process that joins a running job passes ``old=None, joining=True``. A set
+        ``interrupt`` (a newer epoch exists) ends the waits of the repair with
+        :class:`~mnemosyne.core.errors.CommAborted`. Sets :attr:`last_repair`.
+
+        This default, for a backend without flexible communicators: close ``old``, create
+        a fresh group. Flexible backends override it (rebuild, shrink, grow, join).
+        """
+        if old is not None:
+            old.close()
+        self.last_repair = "create"
+        return self.create(store, rank, len(ranks), epoch=epoch, timeout=timeout, ranks=ranks)
 
     @abstractmethod
     def join(self, store: Store, rank: int, *, epoch: int, timeout: float = 30.0) -> Communicator:
