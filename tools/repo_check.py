@@ -41,8 +41,6 @@ ENV_MODULE = ROOT / "packages/mnemosyne-core/src/mnemosyne/core/env.py"
 _ENV_NAME = re.compile(r"MNEMOSYNE_[A-Z0-9][A-Z0-9_]*")
 #: Files allowed to break a rule for now, with why (each entry is a promise to remove it).
 PENDING = {
-    ("size", "mnemosyne-jit/src/mnemosyne/jit/runtime.py"):
-        "Job is split in issue 12's second phase (recovery context + flat phases), after issue 11's gradient path",
     ("size", "mnemosyne-proxy/src/mnemosyne/proxy/server.py"):
         "outside issue 12 (mnemosyne-jit); to be split by the proxy's owner",
 }

@@ -45,24 +45,20 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import json
 import logging
 import os
 import random
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
 
-from mnemosyne.core import plugins
-from mnemosyne.core.comm import BACKENDS_ENTRY_POINT, CommBackend, Communicator
+from mnemosyne.core.comm import CommBackend, Communicator
 from mnemosyne.core.env import (
     MNEMOSYNE_EPOCH,
     MNEMOSYNE_EVENT_LOG,
@@ -79,29 +75,28 @@ from mnemosyne.core.env import (
     env_str,
 )
 from mnemosyne.core.errors import CommError, ConfigError, MnemosyneError, RecoveryError
-from mnemosyne.core.events import EventKind, EventLog, phase
+from mnemosyne.core.events import EventKind, EventLog
 from mnemosyne.core.log import ContextAdapter
 from mnemosyne.core.state import Stateful
 from mnemosyne.jit import _keys
+from mnemosyne.jit._epochs import EpochWatch
 from mnemosyne.jit._gradsync import DEFAULT_BUCKET_BYTES, GradSync
-from mnemosyne.jit._protocol import EXIT_CKPT, EXIT_CKPT_FAILED, EXIT_EXCEPTION, EXIT_REPLACED, read_record
-from mnemosyne.jit._recovery import NO_STATE, agree, transfer, wait_key
-from mnemosyne.jit._select import backend_label, use_ccl
+from mnemosyne.jit._protocol import EXIT_CKPT, EXIT_EXCEPTION, read_record
+from mnemosyne.jit._recover import finish, recover, resume_from
+from mnemosyne.jit._recovery import NO_STATE
+from mnemosyne.jit._select import backend_label, comm_backend
 from mnemosyne.jit._state import flatten
 from mnemosyne.jit._step import Step, _rng_seed
 from mnemosyne.jit._store import connect_job_store
 from mnemosyne.jit._watchdog import Watchdog
-from mnemosyne.jit.data import DataCursor, assign_data_ranks, loader_for_rank
-from mnemosyne.jit.inject import InjectedFault, Injector, parse_plans
+from mnemosyne.jit.data import DataFeed
+from mnemosyne.jit.inject import Injector, parse_plans
 
 __all__ = ["EXIT_CKPT", "EXIT_EXCEPTION", "Job", "Step", "init", "joining"]
 
 logger = logging.getLogger(__name__)
 
 
-# How long a rank that saw a communicator error waits for the agent's new epoch before
-# asking for a rebuild of the same members (an error no process death explains).
-_REBUILD_GRACE = 10.0
 
 
 class Job:
@@ -157,17 +152,8 @@ class Job:
         self.logger = ContextAdapter(logger, job_id, rank, start_epoch)
         first = next(iter(model.parameters()), None)
         self.device = first.device if first is not None else torch.device("cpu")
-        transport = "nccl" if self.device.type == "cuda" else "gloo"
-        self._ccl = use_ccl()
-        if self._ccl and transport == "nccl" and importlib.util.find_spec("nccl") is None:
-            # ccl's NCCL backend needs nccl4py; torch's own NCCL group still works (on
-            # ccl's authenticated store), rebuilt by every member per epoch.
-            self.logger.warning("mnemosyne-ccl's NCCL backend needs nccl4py (pip install "
-                                "'mnemosyne-ccl[nccl]'); using torch's ProcessGroupNCCL instead")
-            self._ccl = False
-        # ccl's "gloo"/"nccl", or the fallback "torch" (whose transport is its argument).
-        cls = plugins.load(BACKENDS_ENTRY_POINT, transport if self._ccl else "torch")
-        self._backend: CommBackend = cls() if self._ccl else cls(transport)
+        self._backend: CommBackend
+        self._ccl, self._backend = comm_backend(self.device.type, self.logger)
         #: ``ccl-gloo``, ``torch-gloo``, ... (recorded in the events).
         self.backend_name = backend_label(self._ccl, self.device.type)
         self.logger.info("communicator: %s", self.backend_name)
@@ -178,13 +164,10 @@ class Job:
         self.committed = NO_STATE
         self.next_step = 0
         self.recoveries = 0
-        self._comm: Communicator | None = None
-        self._comm_for = -1  # membership epoch the current communicator was built for
         self._gradsync: GradSync | None = None
-        self._elock = threading.Lock()
-        self._known_epoch = start_epoch
-        self._notice: float | None = None
-        self._interrupt = threading.Event()
+        #: Epochs seen by the watchdog, the current communicator, the recovery interrupt.
+        self._watch = EpochWatch(start_epoch, self.logger)
+        self._interrupt = self._watch.interrupt
         self._pos: dict[str, Any] = {"step": 0, "phase": "init", "coll": True, "committed": NO_STATE,
                                      "epoch": start_epoch}
         self._synced = -1
@@ -215,15 +198,35 @@ class Job:
         self.injector.add(parse_plans(env_str(MNEMOSYNE_INJECT, "") or ""))
         self._hooks = [optimizer.register_step_pre_hook(self._pre_step),
                        optimizer.register_step_post_hook(self._post_step)]
-        self.watchdog = Watchdog(connect_job_store(addr, job_id, token), rank, start_epoch, self._on_epoch,
+        self.watchdog = Watchdog(connect_job_store(addr, job_id, token), rank, start_epoch, self._watch.on_epoch,
                                  self._position, self.injector)
         self.watchdog.start()
         self.log.emit(EventKind.INFO, "trainer_start", member=self._member, start_epoch=start_epoch,
                       backend=self.backend_name, **(self.proxy.describe() if self.proxy is not None else {}))
         resume = env_str(MNEMOSYNE_RESUME)
         if resume and start_epoch == 0:
-            self._resume(resume)
+            resume_from(self, resume)
         self._recover(first=True)
+
+    @property
+    def _comm(self) -> Communicator | None:
+        """The current communicator (None while one is being built)."""
+        return self._watch.comm
+
+    @_comm.setter
+    def _comm(self, comm: Communicator | None) -> None:
+        self._watch.comm = comm
+
+    def _exit(self, code: int) -> NoReturn:
+        """The one way a trainer leaves early (exit codes: :mod:`mnemosyne.jit._protocol`).
+
+        ``os._exit``: no interpreter teardown, which could block on a communicator's
+        threads or a peer that is gone; the event log and the standard streams are flushed.
+        """
+        self.log.close()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
     # ----------------------------------------------------------------- steady state
     def _position(self) -> dict[str, Any]:
@@ -254,42 +257,21 @@ class Job:
                 and another rank's loader can be neither derived from ``data`` nor
                 obtained from ``data_for_rank``.
         """
-        cursors = {self.rank: DataCursor(data)}
-        loaders: dict[int, Iterable[Any]] = {}
-
-        def loader_of(d: int) -> Iterable[Any]:
-            if d in loaders:
-                return loaders[d]
-            loader = data_for_rank(d) if data_for_rank is not None else loader_for_rank(data, d)
-            if loader is None:
-                msg = (f"Job.steps(): this member must run data rank {d}'s batches (the job continues without "
-                       "that rank), but no loader for it is known: pass a DataLoader over a ResumableSampler, "
-                       "or data_for_rank=lambda d: <the loader of data rank d>")
-                raise ConfigError(msg)
-            loaders[d] = loader
-            return loader
-
-        def batch_of(k: int) -> Callable[[int], Any]:
-            def get(d: int) -> Any:
-                if d not in cursors:
-                    cursors[d] = DataCursor(loader_of(d))
-                return cursors[d].batch(k)
-            return get
-
+        feed = DataFeed(self.rank, data, data_for_rank)
         if self.shrink:
             # Fail at the start, not at the first failure, when a shrunk epoch could not run.
-            loader_of((self.rank + 1) % self.world_size)
+            feed.loader((self.rank + 1) % self.world_size)
         while True:
             if self._needs_recovery:
                 self._recover()
             k = self.next_step
             if k >= max_steps:
-                if self._finish():
+                if finish(self):
                     return
                 continue
-            batch = cursors[self.rank].batch(k)
+            batch = feed.batch(self.rank, k)
             self._seed_rngs(self.rank, k)
-            step = Step(self, k, batch, self.data_ranks, batch_of(k))
+            step = Step(self, k, batch, self.data_ranks, functools.partial(feed.batch, step=k))
             self._step_start = time.perf_counter()
             yield step
             if not step.entered:
@@ -399,19 +381,6 @@ class Job:
             self.log.emit(EventKind.STEP, "step", dt, step=k, data_ranks=ran)
 
     # ----------------------------------------------------------------- failures
-    def _on_epoch(self, epoch: int) -> None:
-        """Watchdog thread: a newer epoch exists; abort the communicator now."""
-        with self._elock:
-            self._known_epoch = epoch
-            self._notice = time.perf_counter()
-            comm = self._comm
-            stale = comm is None or self._comm_for < epoch
-            if stale:
-                self._interrupt.set()
-        if comm is not None and stale:
-            comm.abort(f"membership epoch {epoch} published")
-        self.logger.info("membership epoch %d seen; communicator aborted", epoch)
-
     def _is_comm_failure(self, exc: BaseException) -> bool:
         if isinstance(exc, CommError):
             return True
@@ -449,33 +418,14 @@ class Job:
             self.log.emit(EventKind.DETECT, "exception", step=k, error=f"{type(exc).__name__}: {exc}"[:500])
         except MnemosyneError:
             pass  # the store is gone: the agent still sees the exit
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(EXIT_EXCEPTION)
+        self._exit(EXIT_EXCEPTION)
 
     # ----------------------------------------------------------------- recovery
     def _adopt(self, min_epoch: int) -> int:
         """Wait for an epoch >= ``min_epoch`` and make the newest one current."""
-        asked = False
-        deadline = time.monotonic() + _REBUILD_GRACE
-        while True:
-            with self._elock:
-                e = self._known_epoch
-                if e >= min_epoch:
-                    self.epoch = e
-                    self.log.epoch = e
-                    self.logger.epoch = e
-                    self._interrupt.clear()
-                    return e
-            if time.monotonic() > deadline:
-                if asked:
-                    msg = f"no membership epoch >= {min_epoch} was published after a communicator failure"
-                    raise RecoveryError(msg)
-                self.logger.warning("communicator failed with no membership change; asking for a rebuild")
-                self.store.add(_keys.REBUILD_REQUEST, 1)
-                asked = True
-                deadline = time.monotonic() + max(self.timeout, _REBUILD_GRACE)
-            time.sleep(0.002)
+        e = self._watch.adopt(min_epoch, self.store, self.timeout)
+        self.epoch = self.log.epoch = self.logger.epoch = e
+        return e
 
     def _state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"model": self.model.state_dict(), "optim": self.optimizer.state_dict()}
@@ -490,66 +440,6 @@ class Job:
         skel = flatten(self._state(), tensors)
         return skel, tensors, self.proxy.backed(tensors)
 
-    def _resume(self, path: str) -> None:
-        """Load the checkpoint ``path`` (verified first) and continue after its step.
-
-        Every rank loads it, so the first agreement finds every rank at the same step
-        and no state is transferred. A replacement process (start epoch > 0) does not
-        load it: it receives the current state from donors as usual.
-        """
-        from mnemosyne.jit import ckpt
-
-        with phase(self.log, "resume_load", path=path) as t:
-            state, manifest = ckpt.load(path, template=self._state())
-            if int(manifest["world_size"]) != self.world_size:
-                msg = (f"checkpoint {path} was taken by a job of {manifest['world_size']} ranks; this job has "
-                       f"{self.world_size} (resume with --nproc-per-node {manifest['world_size']})")
-                raise ConfigError(msg)
-            if self.proxy is not None:
-                self.proxy.store(int(manifest["step"]), lambda: self._load(state))
-            else:
-                self._load(state)
-            self.committed = int(manifest["step"])
-            self.next_step = self.committed + 1
-            t.fields.update(step=self.committed)
-        self.logger.info("resumed from %s at step %d", path, self.next_step)
-
-    def _checkpoint_and_exit(self, epoch: int, order: dict[str, Any]) -> None:
-        """The agent ordered a just-in-time checkpoint: agree, let the donors write it, exit.
-
-        Only the store is used (no communicator: a member is gone). The donors (ranks
-        holding the highest committed step) share the writing; the others just exit.
-        """
-        from mnemosyne.jit import ckpt
-
-        ranks = [int(r) for r in order["ranks"]]
-        committed = NO_STATE if self._torn else self.committed
-        code = EXIT_CKPT
-        try:
-            with phase(self.log, "agree", ckpt=True) as t:
-                plan = agree(self.store, epoch, self.rank, ranks, committed, self._started, self._interrupt,
-                             self.timeout, reattached=self._reattached)
-                t.fields.update(top=plan.top, donors=plan.donors, receivers=plan.receivers)
-            if plan.top >= 0 and self.rank in plan.donors:
-                path = Path(order["dir"]) / ckpt.checkpoint_name(plan.top)
-                with phase(self.log, "ckpt", step=plan.top, path=str(path), writers=plan.donors) as t:
-                    ckpt.write(path, self._state(), step=plan.top, rank=self.rank, world_size=self.world_size,
-                               store=self.store.prefixed(f"jitckpt/e{epoch}"), writer_ranks=plan.donors,
-                               meta={"seed": self.seed, "epoch": epoch, "job": self.job_id},
-                               timeout=self.timeout)
-                    mine = path / f"shard-{self.rank:05d}"
-                    t.fields.update(bytes=sum(p.stat().st_size for p in mine.rglob("*") if p.is_file()))
-            elif plan.top < 0:
-                self.logger.warning("checkpoint ordered but no step was committed: nothing to write")
-        except Exception as exc:
-            self.logger.exception("just-in-time checkpoint failed: %s", exc)
-            code = EXIT_CKPT_FAILED
-        self.log.emit(EventKind.INFO, "trainer_ckpt_exit", committed=self.committed, code=code)
-        self.log.close()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-
     def _load(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optim"])
@@ -558,147 +448,8 @@ class Job:
         for name, obj in self.extra.items():
             obj.load_state_dict(state["extra"][name])
 
-    def _connect(self, epoch: int, ranks: list[int], first: bool) -> tuple[Communicator, str]:
-        """Repair the communicator for membership ``epoch`` over logical ``ranks``; return it and how.
-
-        The backend decides how (:meth:`~mnemosyne.core.comm.CommBackend.repair`). With
-        mnemosyne-ccl the record names the epoch of ccl's communicator family to build
-        (the agent's choice); the fallback builds a group per membership epoch.
-        """
-        old, self._comm = self._comm, None
-        target = self._record.comm_epoch if self._ccl else epoch
-        if target is None:
-            msg = f"epoch record {epoch} names no mnemosyne-ccl communicator epoch (a torch-only agent published it?)"
-            raise RecoveryError(msg)
-        comm = self._backend.repair(old, self.store, self.rank, ranks, epoch=target, joining=first and epoch > 0,
-                                    timeout=self.timeout, interrupt=self._interrupt)
-        return comm, self._backend.last_repair
-
     def _recover(self, first: bool = False) -> None:
-        t0 = time.perf_counter()
-        notice = self._notice
-        if not first:
-            self.recoveries += 1
-            abort_s = t0 - notice if notice is not None else 0.0
-            self.log.emit(EventKind.PHASE, "abort", abort_s, ok=True, step=self._started)
-        if self._gradsync is not None:
-            self._gradsync.close()
-        self._gradsync = None
-        min_epoch = self.epoch if first else self.epoch + 1
-        while True:
-            epoch = self._adopt(min_epoch)
-            if self._record.epoch != epoch:
-                self._record = read_record(self.store, epoch, self.timeout)
-            members = self._record.membership
-            if members.members.get(self.rank) != self._member:
-                self.logger.warning("replaced in epoch %d (holder now %s); exiting", epoch,
-                                    members.members.get(self.rank))
-                os._exit(EXIT_REPLACED)
-            ranks = list(members.ranks)
-            self._set_pos(self.next_step, "recovery", coll=True)
-            order = self._record.ckpt
-            if order is not None:
-                self._checkpoint_and_exit(epoch, {"dir": order.dir, "ranks": list(order.ranks),
-                                                  "failed": list(order.failed)})
-            try:
-                with phase(self.log, "repair", first=first, backend=self.backend_name) as t:
-                    comm, how = self._connect(epoch, ranks, first)
-                    t.fields.update(how=how, comm_epoch=comm.epoch)
-                    with self._elock:
-                        self._comm = comm
-                        self._comm_for = epoch
-                        stale = self._known_epoch > epoch
-                    if stale:
-                        comm.abort("a newer epoch appeared while building")
-                committed = NO_STATE if self._torn else self.committed
-                with phase(self.log, "agree") as t:
-                    plan = agree(self.store, epoch, self.rank, ranks, committed, self._started,
-                                 self._interrupt, self.timeout, reattached=self._reattached)
-                    t.fields.update(top=plan.top, donors=plan.donors, receivers=plan.receivers,
-                                    partial=plan.partial)
-                try:
-                    self.injector.maybe_fire(plan.resume_step, "recovery")
-                except InjectedFault as exc:
-                    self._die_of_exception(self._started, exc)
-                with phase(self.log, "transfer", first=first) as t:
-                    info: dict[str, Any] = {}
-                    received, nbytes = transfer(self._comm, self.store, epoch, self.rank, plan, self.device,
-                                                self._state, self._interrupt, self.timeout,
-                                                local=self._local_state if self.proxy is not None else None,
-                                                report=info)
-                    t.fields.update(bytes=nbytes, donors=len(plan.donors), receivers=len(plan.receivers),
-                                    role=info["role"] if info["role"] != "none" else "donor")
-                    if self.proxy is not None:
-                        t.fields.update(kept_bytes=info["kept_bytes"], heavy_bytes=info["heavy_bytes"])
-                if received is not None:
-                    if self.proxy is not None:
-                        # Loading replaces the optimizer's state tensors: put the received
-                        # state back into the arena, committed as the agreed step.
-                        self.proxy.store(plan.top, functools.partial(self._load, received))
-                    else:
-                        self._load(received)
-                with phase(self.log, "resume", first=first):
-                    self._comm.barrier()
-            except Exception as exc:
-                # A recovery that another failure interrupts must start over at the next epoch,
-                # whatever the symptom (a peer's socket, a store wait, torch's RuntimeError):
-                # seen when a replacement's first transfer lost its donor before the agent had
-                # published the next epoch.
-                if self._interrupt.is_set() or self._known_epoch > epoch or self._newer_epoch(epoch):
-                    self.logger.info("recovery of epoch %d interrupted: %s", epoch, exc)
-                    min_epoch = epoch + 1
-                    continue
-                if isinstance(exc, CommError):
-                    min_epoch = epoch + 1  # a member died before the agent told us
-                    continue
-                raise
-            break
-        self.committed = plan.top
-        self.next_step = plan.resume_step
-        self._torn = False
-        self._reattached = False
-        self._synced = -1
-        self._applied = -1
-        self._needs_recovery = False
-        # Divide by the data-parallel world, not by the members present: while shrunk,
-        # hosts' gradients hold several ranks' micro-batches (identical to comm.size otherwise).
-        self._gradsync = GradSync(list(self.model.parameters()), self.bucket_bytes, world_size=self.world_size,
-                                  comm=self._comm, on_launch=self._on_launch)
-        self.data_ranks = assign_data_ranks(self.world_size, ranks)[self.rank]
-        self.members = list(ranks)
-        self._set_pos(self.next_step, "boundary")
-        redone = max(0, self._started - plan.resume_step + 1) if self._started >= 0 else 0
-        self.log.emit(EventKind.RECOVERED, "start" if first else "recovered", time.perf_counter() - t0,
-                      resume_step=plan.resume_step, started=self._started, steps_redone=redone,
-                      members=ranks, data_ranks=self.data_ranks,
-                      role="receiver" if self.rank in plan.receivers else "donor",
-                      max_started=max(plan.started.values(), default=-1))
-        self._started = -1
-
-    def _newer_epoch(self, epoch: int, within: float = 5.0) -> bool:
-        """Whether the agent publishes an epoch after ``epoch`` within ``within`` seconds."""
-        try:
-            self.store.wait([_keys.membership(epoch + 1)], within)
-        except MnemosyneError:
-            return False
-        return True
-
-    def _finish(self) -> bool:
-        """Wait until every member of the current epoch finished; False if a recovery is needed first.
-
-        A shrunk job waits for the members present only; a grow epoch published while
-        waiting interrupts the wait, and the recovery hands the final state to the newcomer.
-        """
-        self._set_pos(self.next_step, "finish", coll=True)
-        self.store.set(_keys.done(self.rank), str(self.epoch).encode())
-        try:
-            for r in self._record.membership.ranks:
-                wait_key(self.store, _keys.done(r), self._interrupt, 24 * 3600.0)
-        except CommError:
-            self._needs_recovery = True
-            self._started = -1
-            return False
-        return True
+        recover(self, first)  # the phases: mnemosyne.jit._recover
 
     def close(self) -> None:
         """Stop the watchdog and close the event log (call once, after the last step)."""
