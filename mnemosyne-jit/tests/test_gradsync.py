@@ -19,12 +19,16 @@ from mnemosyne.core.errors import CommAborted, ConfigError, PeerFailureError
 from mnemosyne.jit._gradsync import GradSync
 
 WORLD = 2
+# The ranks are threads of one process: seeding torch's global RNG and drawing the initial
+# weights must not interleave between them.
+_INIT = threading.Lock()
 
 
 def _model(seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 32), torch.nn.GELU(),
-                               torch.nn.Linear(32, 4))
+    with _INIT:
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 32),
+                                   torch.nn.GELU(), torch.nn.Linear(32, 4))
 
 
 def _batch(rank, i, n=8):
