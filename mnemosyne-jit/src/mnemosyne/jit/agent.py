@@ -66,9 +66,10 @@ from mnemosyne.core.errors import MnemosyneError
 from mnemosyne.core.events import Event, EventKind, EventLog
 from mnemosyne.core.membership import Membership
 from mnemosyne.core.store import Store
-from mnemosyne.jit import _keys
+from mnemosyne.jit import _keys, _recap
 from mnemosyne.jit._agent_config import AgentConfig, check_config, job_info_dir, read_token_file
 from mnemosyne.jit._coordinator import DEFAULT_CKPT_DIR, Coordinator, Failure
+from mnemosyne.jit._exits import EXIT_CLOCK
 from mnemosyne.jit._proxies import ProxyPool
 from mnemosyne.jit._select import MNEMOSYNE_JIT_BACKEND
 from mnemosyne.jit._store import JobStoreHost, connect_job_store, host_job_store, parse_addr
@@ -215,7 +216,9 @@ class Agent:
 
     def _popen(self, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         cmd = [sys.executable, "-m", "mnemosyne.jit._bootstrap", *args, "--", *self.config.command]
-        return subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+        EXIT_CLOCK.watch(proc.pid)  # times its exit: the detect phase of a death nobody announced
+        return proc
 
     def _start_trainer(self, st: RankStatus, epoch: int) -> subprocess.Popen[bytes]:
         extra = {MNEMOSYNE_RANK: str(st.rank), MNEMOSYNE_LOCAL_RANK: str(st.local_rank), MNEMOSYNE_EPOCH: str(epoch)}
@@ -439,7 +442,7 @@ class Agent:
     def _classify_exit(self, st: RankStatus, rc: int) -> tuple[str, dict[str, Any]]:
         assert self.store is not None and st.proc is not None
         pid = st.proc.pid
-        detail: dict[str, Any] = {"pid": pid, "returncode": rc}
+        detail: dict[str, Any] = {"pid": pid, "returncode": rc, "exited_at": EXIT_CLOCK.exited_at(pid)}
         if st.hung:
             detail["why"] = st.hung
             return "hang", detail
@@ -655,6 +658,7 @@ class Agent:
             self._check_heartbeats(now)
         if status:
             self._write_status()
+            _recap.poll(self)  # one line per completed recovery, from the event log
             if self.coord is not None:
                 self.coord.poll(now)
             else:
