@@ -79,7 +79,8 @@ def test_report_without_recovery_and_bad_suffix(tmp_path):
 def _external_kill_log(exited_at):
     t = 1000.0
     ev = [Event(EventKind.DETECT, "kill", t + 0.030, rank=-1, fields={"target_rank": 2, "exited_at": exited_at}),
-          Event(EventKind.EPOCH, "epoch", t + 0.031, rank=-1, epoch=1, fields={"epoch_number": 1, "members": [0, 1, 2]})]
+          Event(EventKind.EPOCH, "epoch", t + 0.031, rank=-1, epoch=1,
+                fields={"epoch_number": 1, "members": [0, 1, 2]})]
     for r in range(3):
         ev.append(Event(EventKind.PHASE, "repair", t + 0.10, rank=r, epoch=1, duration_s=0.05))
         ev.append(Event(EventKind.RECOVERED, "recovered", t + 0.12, rank=r, epoch=1, fields={"steps_redone": 1}))
