@@ -221,10 +221,10 @@ def write_png(path: str | os.PathLike[str], events: Sequence[Event], title: str 
         ConfigError: The log holds no recovery.
     """
     try:
-        import matplotlib  # type: ignore[import-not-found,unused-ignore]
+        import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # type: ignore[import-not-found,unused-ignore]
+        import matplotlib.pyplot as plt
     except ImportError as exc:
         what = "matplotlib (for PNG timelines; or write .html)"
         raise MissingDependencyError(what, "pip install 'mnemosyne-jit[report]'") from exc
