@@ -114,3 +114,14 @@ def test_load_events_merges_logs_in_time_order(tmp_path):
     a.write_text(Event(EventKind.INFO, "x", 2.0).to_json() + "\n")
     b.write_text(Event(EventKind.INFO, "y", 1.0).to_json() + "\n" + '{"torn')
     assert [e.name for e in load_events([a, b])] == ["y", "x"]
+
+
+def test_launch_says_when_it_takes_the_unauthenticated_fallback(monkeypatch):
+    from mnemosyne.jit._select import MNEMOSYNE_JIT_BACKEND
+    from mnemosyne.jit.cli import store_note
+
+    monkeypatch.setenv(MNEMOSYNE_JIT_BACKEND, "torch")
+    note = store_note()
+    assert note is not None and "unauthenticated" in note and "mnemosyne-jit[ccl]" in note
+    monkeypatch.delenv(MNEMOSYNE_JIT_BACKEND)
+    assert store_note() is None  # mnemosyne-ccl is installed in the test environment

@@ -18,7 +18,7 @@ from typing import Any
 from mnemosyne.core.env import MNEMOSYNE_INJECT
 from mnemosyne.core.errors import AuthError, ConfigError
 
-__all__ = ["register_demo", "register_inject", "register_launch", "register_report"]
+__all__ = ["register_demo", "register_inject", "register_launch", "register_report", "store_note"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +44,26 @@ def _launch(args: argparse.Namespace) -> int:
                       shrink=args.shrink, nnodes=args.nnodes, node_rank=args.node_rank, master=args.master,
                       token=token, node_timeout=args.node_timeout, proxy=args.proxy, proxy_size=args.proxy_size)
     agent = Agent(cfg)
+    note = store_note()
+    if note:
+        print(f"mnemo launch: {note}", flush=True)
     where = f"node {cfg.node_rank} of {cfg.nnodes}, " if cfg.nnodes > 1 else ""
     print(f"mnemo launch: job {agent.job_id}, {where}{cfg.nproc} rank{'' if cfg.nproc == 1 else 's'}, "
           f"{cfg.spares} spare{'' if cfg.spares == 1 else 's'}, events: "
           f"{agent.event_log_path}", flush=True)
     return agent.run()
+
+
+def store_note() -> str | None:
+    """What ``mnemo launch`` says when the job takes the unauthenticated fallback store, else None."""
+    from mnemosyne.jit._select import MNEMOSYNE_JIT_BACKEND, use_ccl
+
+    if use_ccl():
+        return None
+    why = (f"{MNEMOSYNE_JIT_BACKEND}=torch" if os.environ.get(MNEMOSYNE_JIT_BACKEND, "").strip().lower() == "torch"
+           else "mnemosyne-ccl is not installed")
+    return (f"store: torch TCPStore, unauthenticated ({why}); pip install 'mnemosyne-jit[ccl]' for "
+            "mnemosyne-ccl's authenticated store and repairable communicators")
 
 
 def _resolve_resume(given: str, world: int) -> str:
