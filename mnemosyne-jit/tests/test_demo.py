@@ -20,6 +20,7 @@ def test_demo_on_a_pipe_reaches_the_last_step_and_cleans_up(tmp_path):
     # Each block starts on its own line (no view line glued to the next table's title).
     assert any(ln.strip().startswith("recovery summary (from the event log)") for ln in lines), out
     assert any(ln.startswith("mnemo launch: recovered rank 1 (kill) in ") for ln in lines), out
+    assert "MB from 1 donor " in out  # singular
     assert "\x1b[" not in out  # no cursor movement or colour codes on a pipe
     assert not list(tmp_path.glob("mnemo-demo-*"))  # the temporary work dir is removed
 

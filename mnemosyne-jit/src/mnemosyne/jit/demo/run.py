@@ -192,7 +192,8 @@ def _demo(args: argparse.Namespace, console: Any, work: Path) -> int:
         for name, secs in inc["phases_s"].items():
             table.add_row(name, f"{secs * 1000:.1f} ms")
         table.add_row("[bold]fault to resumed training[/bold]", f"[bold]{inc['total_s'] * 1000:.1f} ms[/bold]")
-        table.add_row("state transferred", f"{inc['bytes_transferred'] / 1e6:.2f} MB from {inc['donors']} donors")
+        table.add_row("state transferred", f"{inc['bytes_transferred'] / 1e6:.2f} MB from {inc['donors']} "
+                      f"donor{'' if inc['donors'] == 1 else 's'}")
         table.add_row("resumed at step", str(inc["resume_step"]))
     table.add_row("steps redone", str(summary["steps_redone"]))
     table.add_row("communicator / store", f"{result['comm_backend']} / {result['store_kind']}")
