@@ -22,6 +22,7 @@ from mnemosyne.core.store import Store
 from mnemosyne.jit import _keys
 from mnemosyne.jit._agent_config import AgentConfig
 from mnemosyne.jit._spawn import RankStatus
+from mnemosyne.jit._exits import EXIT_CLOCK
 
 __all__ = ["HangWatch", "classify_exit"]
 
@@ -30,7 +31,7 @@ def classify_exit(store: Store, st: RankStatus, rc: int) -> tuple[str, dict[str,
     """The cause (``hang``, ``exception``, ``kill``, ``segfault``, ``exit``...) and details of an exit."""
     assert st.proc is not None
     pid = st.proc.pid
-    detail: dict[str, Any] = {"pid": pid, "returncode": rc}
+    detail: dict[str, Any] = {"pid": pid, "returncode": rc, "exited_at": EXIT_CLOCK.exited_at(pid)}
     if st.hung:
         detail["why"] = st.hung
         return "hang", detail

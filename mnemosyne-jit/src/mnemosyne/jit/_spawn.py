@@ -24,6 +24,7 @@ from mnemosyne.core.events import EventKind
 from mnemosyne.core.store import Store
 from mnemosyne.jit import _keys
 from mnemosyne.jit._agent_config import AgentConfig
+from mnemosyne.jit._exits import EXIT_CLOCK
 
 __all__ = [
     "CHILD_ENV_DEFAULTS", "RankStatus", "Spare", "SparePool", "child_env", "die_with_parent", "popen", "terminate",
@@ -65,7 +66,9 @@ def child_env(config: AgentConfig, job: dict[str, str], extra: dict[str, str]) -
 def popen(args: list[str], command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     """Start ``mnemosyne.jit._bootstrap`` with ``args``, running the user's ``command``."""
     cmd = [sys.executable, "-m", "mnemosyne.jit._bootstrap", *args, "--", *command]
-    return subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent)
+    EXIT_CLOCK.watch(proc.pid)  # times its exit: the detect phase of a death nobody announced
+    return proc
 
 
 @dataclass

@@ -62,7 +62,7 @@ from mnemosyne.core.errors import MnemosyneError
 from mnemosyne.core.events import Event, EventKind, EventLog
 from mnemosyne.core.membership import Membership
 from mnemosyne.core.store import Store
-from mnemosyne.jit import _keys
+from mnemosyne.jit import _keys, _recap
 from mnemosyne.jit._agent_config import AgentConfig, check_config, job_info_dir, read_token_file
 from mnemosyne.jit._agent_setup import open_store, write_info
 from mnemosyne.jit._ckpt_order import finish_checkpoint
@@ -415,6 +415,7 @@ class Agent:
             self.health.check(self.ranks, now)
         if status:
             self._write_status()
+            _recap.poll(self)  # one line per completed recovery, from the event log
             if self.coord is not None:
                 for decision in self.coord.poll(now, self._view()):
                     self._execute(decision)
