@@ -58,6 +58,8 @@ def _model_args(a: argparse.Namespace, gpus: bool) -> list[str]:
     args = [x for x in MODELS[a.model] if x != "--log-steps"]
     if gpus and a.model == "1b":
         args += ["--autocast", "bf16", "--fused-adam"]
+    if gpus:
+        args.append("--init-on-device")
     return [*args, "--memory-event"]
 
 

@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sync-steps", action="store_true",
                    help="torch.cuda.synchronize() at the end of every step, so that step events time the "
                         "device's work (benchmarks; the DDP baseline always does)")
+    p.add_argument("--init-on-device", action="store_true",
+                   help="initialise the weights on the GPU (benchmarks: same on every rank, not the CPU init's values)")
     p.add_argument("--memory-event", action="store_true",
                    help="write a 'memory' event with this rank's peak memory at the end (benchmarks)")
     return p.parse_args(argv)
@@ -85,7 +87,10 @@ def build(args: argparse.Namespace, device: torch.device, *,
     """
     torch.manual_seed(args.seed)
     cfg = GPTConfig(vocab=args.vocab, block=args.block, layers=args.layers, heads=args.heads, dim=args.dim)
-    if init_weights:
+    if init_weights and getattr(args, "init_on_device", False) and device.type == "cuda":
+        with torch.device(device):  # benchmarks: seconds instead of a CPU init of 1e9 weights
+            model = GPT(cfg)
+    elif init_weights:
         model = GPT(cfg).to(device)
     else:
         with torch.device("meta"):
