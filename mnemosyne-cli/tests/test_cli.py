@@ -3,8 +3,6 @@ import json
 import subprocess
 import sys
 
-import pytest
-
 from mnemosyne.cli.doctor import _decode_nccl_code, nccl_capabilities
 from mnemosyne.cli.main import main
 

@@ -21,8 +21,8 @@ from mnemosyne.core.events import EventKind
 from mnemosyne.core.store import Store
 from mnemosyne.jit import _keys
 from mnemosyne.jit._agent_config import AgentConfig
-from mnemosyne.jit._spawn import RankStatus
 from mnemosyne.jit._exits import EXIT_CLOCK
+from mnemosyne.jit._spawn import RankStatus
 
 __all__ = ["HangWatch", "classify_exit"]
 

@@ -57,7 +57,8 @@ def _launch(args: argparse.Namespace) -> int:
 
 def store_note() -> str | None:
     """What ``mnemo launch`` says when the job takes the unauthenticated fallback store, else None."""
-    from mnemosyne.jit._select import MNEMOSYNE_JIT_BACKEND, use_ccl
+    from mnemosyne.core.env import MNEMOSYNE_JIT_BACKEND
+    from mnemosyne.jit._select import use_ccl
 
     if use_ccl():
         return None

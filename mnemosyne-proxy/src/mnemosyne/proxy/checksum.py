@@ -65,7 +65,7 @@ def _build_kernel() -> Any:
     m1, m2, golden = np.uint64(_M1), np.uint64(_M2), np.uint64(GOLDEN)
     s30, s27, s31 = np.uint64(30), np.uint64(27), np.uint64(31)
 
-    @numba.njit(cache=True, nogil=True)
+    @numba.njit(cache=True, nogil=True)  # type: ignore[untyped-decorator,unused-ignore]
     def words_sum(words: Any) -> Any:  # pragma: no cover - compiled
         total = np.uint64(0)
         for i in range(words.shape[0]):
