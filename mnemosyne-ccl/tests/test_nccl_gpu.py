@@ -129,3 +129,38 @@ def test_nccl_create_over_a_logical_rank_subset(tmp_path):
         store.close()
     finally:
         srv.stop()
+
+
+@pytest.mark.gpu
+@needs_one_gpu
+@pytest.mark.timeout(300)
+def test_nccl_async_all_reduce_on_a_side_stream(tmp_path):
+    """all_reduce(async_op=True): ordered after the caller's queued work, waited once, abort-aware."""
+    from mnemosyne.ccl import StoreClient, StoreServer
+    from mnemosyne.core.comm import ReduceOp
+    from mnemosyne.core.errors import CommAborted
+
+    srv = StoreServer(jobs={"j": "tok"}).start()
+    try:
+        store = StoreClient(srv.address, "j", "tok")
+        comm = NcclBackend(device=0, cache_dir=str(tmp_path / "cache")).create(store, 0, 1)
+        t = torch.zeros(1 << 22, device="cuda")
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of device time queued before the producer
+        t.fill_(3.0)
+        work = comm.all_reduce(t, ReduceOp.AVG, async_op=True)  # AVG reads and writes t on the side stream
+        assert not work.is_completed()
+        work.wait()
+        assert work.is_completed()
+        assert torch.equal(t, torch.full_like(t, 3.0))  # it ran after fill_, on the caller's order
+        works = [comm.all_reduce(x, ReduceOp.SUM, async_op=True) for x in (torch.ones(8, device="cuda"),) * 3]
+        for w in reversed(works):
+            w.wait()
+        torch.cuda._sleep(200_000_000)
+        late = comm.all_reduce(torch.ones(8, device="cuda"), ReduceOp.AVG, async_op=True)
+        comm.abort("test abort")
+        with pytest.raises(CommAborted):
+            late.wait()
+        comm.close()
+        store.close()
+    finally:
+        srv.stop()

@@ -1,5 +1,6 @@
 """Just-in-time checkpoints written by 4 real processes; atomicity under SIGKILL; corruption refused."""
 
+import errno
 import json
 import os
 import shutil
@@ -44,8 +45,12 @@ def _raw_equal(a, b) -> list[str]:
     return [] if a == b else [f"{a!r} != {b!r}"]
 
 
-def _write(root: Path, *, stall: str = "", stall_rank: int = -1, timeout: float = 60.0):
-    """Run WORLD writer processes against a real TCP store; return (procs, outputs, signal file)."""
+def _write(root: Path, *, stall: str = "", stall_rank: int = -1, timeout: float = 60.0, fail: str = "",
+           fail_rank: int = -1, exited: dict[int, float] | None = None):
+    """Run WORLD writer processes against a real TCP store; return (procs, outputs).
+
+    ``exited`` receives each writer's exit time (``time.monotonic()``, within 50 ms).
+    """
     job, token = "ck", uuid.uuid4().hex
     srv = StoreServer(jobs={job: token}).start()
     sig = root / "stalled"
@@ -57,6 +62,8 @@ def _write(root: Path, *, stall: str = "", stall_rank: int = -1, timeout: float 
                    str(STEP), "--timeout", str(timeout)]
             if r == stall_rank:
                 cmd += ["--stall", stall, "--signal", str(sig)]
+            if r == fail_rank:
+                cmd += ["--fail", fail]
             procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
         if stall:
             deadline = time.monotonic() + 60
@@ -65,6 +72,13 @@ def _write(root: Path, *, stall: str = "", stall_rank: int = -1, timeout: float 
                 assert procs[stall_rank].poll() is None, procs[stall_rank].communicate()[0].decode()[-2000:]
                 time.sleep(0.05)
             os.kill(procs[stall_rank].pid, signal.SIGKILL)
+        if exited is not None:
+            deadline = time.monotonic() + 90
+            while len(exited) < WORLD and time.monotonic() < deadline:
+                for r, p in enumerate(procs):
+                    if r not in exited and p.poll() is not None:
+                        exited[r] = time.monotonic()
+                time.sleep(0.05)
         outs = []
         for p in procs:
             try:
@@ -147,6 +161,24 @@ def test_writer_killed_mid_write_leaves_no_checkpoint(tmp_path: Path, victim: in
     assert r.returncode == 0 and "INCOMPLETE" in r.stdout and "staging" in r.stdout, r.stdout + r.stderr
     assert ckpt.remove_staging(tmp_path) == [entries[0].path]
     assert ckpt.list_checkpoints(tmp_path) == []
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize(("victim", "phase"), [(2, "shard"), (0, "manifest")])
+def test_writer_oserror_stops_every_writer_naming_it(tmp_path: Path, victim: int, phase: str) -> None:
+    """A full disk on one writer (before it reports, or the coordinator before its manifest): every
+    writer exits within 10 s, not after its 60 s timeout, with a MultiRankError naming rank and error."""
+    exited: dict[int, float] = {}
+    procs, outs = _write(tmp_path, fail=phase, fail_rank=victim, timeout=60.0, exited=exited)
+    assert all(p.returncode not in (0, None) for p in procs), outs
+    assert len(exited) == WORLD
+    assert max(exited.values()) - exited[victim] < 10.0, exited
+    for out in outs:
+        assert "MultiRankError" in out and f"rank {victim}: OSError: [Errno {errno.ENOSPC}] No space left on device" \
+            in out, out[-3000:]
+    assert not (tmp_path / ckpt.checkpoint_name(STEP)).exists()
+    entries = ckpt.list_checkpoints(tmp_path)
+    assert len(entries) == 1 and not entries[0].complete
 
 
 def _truncate(p: Path) -> str:

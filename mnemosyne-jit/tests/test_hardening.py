@@ -143,7 +143,7 @@ def test_bad_values_are_refused_up_front_without_a_traceback(tmp_path, args, env
 @pytest.mark.timeout(120)
 def test_jit_checkpoint_on_a_full_disk_names_it_and_leaves_nothing(tmp_path):
     from mnemosyne.jit import ckpt
-    from mnemosyne.jit.runtime import EXIT_CKPT_FAILED
+    from mnemosyne.jit._protocol import EXIT_CKPT_FAILED
     from mnemosyne.jit.testing import launch
 
     if os.geteuid() != 0:
@@ -183,4 +183,5 @@ def test_a_trainer_that_fails_before_init_ends_the_job_at_once(tmp_path):
     assert "usage error" in res.stderr and "before it reached mnemosyne.jit.init" in res.stderr, res.stderr
     events = [json.loads(line) for p in (tmp_path / "mnemo-events").glob("*.jsonl") for line in p.open()]
     assert len([e for e in events if e["name"] == "epoch"]) == 1  # never a replacement epoch
-    assert res.stderr.count("the trainer cannot import its model code") <= 2  # each rank's own traceback, once
+    # Each of the 2 ranks' own traceback at most once (its source line quotes the text too): no replacement's.
+    assert res.stderr.count("ImportError: the trainer cannot import its model code") <= 2

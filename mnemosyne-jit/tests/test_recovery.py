@@ -14,8 +14,8 @@ import time
 
 import pytest
 
+from mnemosyne.core.env import MNEMOSYNE_JIT_BACKEND
 from mnemosyne.core.events import EventKind, read_events
-from mnemosyne.jit._select import MNEMOSYNE_JIT_BACKEND
 from mnemosyne.jit.inject import parse_plans
 from mnemosyne.jit.summary import incidents
 from mnemosyne.jit.testing import TINY, compare_final_states, launch, started_pids
@@ -38,6 +38,10 @@ def reference(tmp_path_factory):
 
 CASES = {
     "kill-forward": "rank=1,step=3,kind=kill,phase=forward",
+    # Killed inside backward while its first gradient buckets are being reduced (every
+    # peer has reductions in flight too).
+    "kill-backward": "rank=1,step=4,kind=kill,phase=backward",
+    "exception-backward": "rank=2,step=3,kind=exception,phase=backward",
     "hang-allreduce": "rank=2,step=4,kind=hang,phase=allreduce",
     "exception-optimizer": "rank=3,step=2,kind=exception,phase=optimizer",
     "segfault-allreduce": "rank=0,step=5,kind=segfault,phase=allreduce",

@@ -16,12 +16,12 @@ import torch
 from mnemosyne.ccl.gloo import GlooBackend
 from mnemosyne.ccl.store_client import StoreClient
 from mnemosyne.ccl.store_server import StoreServer
+from mnemosyne.core.env import MNEMOSYNE_JIT_BACKEND
 from mnemosyne.core.errors import ConfigError
 from mnemosyne.core.events import EventKind
 from mnemosyne.jit._comm import TorchBackend
 from mnemosyne.jit._gradsync import GradSync
 from mnemosyne.jit._recovery import NO_STATE, agree, transfer
-from mnemosyne.jit._select import MNEMOSYNE_JIT_BACKEND
 from mnemosyne.jit._store import connect_store, host_store
 from mnemosyne.jit.data import ResumableSampler, assign_data_ranks, loader_for_rank
 from mnemosyne.jit.testing import TINY, flatten_state, launch

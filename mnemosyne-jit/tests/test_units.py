@@ -67,7 +67,7 @@ def test_fault_plans_parse_and_validate():
     with pytest.raises(ConfigError, match="missing"):
         parse_plans("rank=1,kind=kill")
     with pytest.raises(ConfigError, match="phase"):
-        parse_plans("rank=1,step=2,kind=kill,phase=backward")
+        parse_plans("rank=1,step=2,kind=kill,phase=loss")
 
 
 def test_resumable_sampler_seek_equals_tail():
@@ -182,8 +182,8 @@ def test_abort_wakes_a_blocked_collective_at_once():
 
 @pytest.mark.timeout(30)
 def test_ccl_store_refuses_a_wrong_token_and_serves_the_right_one(monkeypatch):
+    from mnemosyne.core.env import MNEMOSYNE_JIT_BACKEND
     from mnemosyne.core.errors import AuthError
-    from mnemosyne.jit._select import MNEMOSYNE_JIT_BACKEND
     from mnemosyne.jit._store import connect_job_store, host_job_store
 
     monkeypatch.delenv(MNEMOSYNE_JIT_BACKEND, raising=False)
@@ -205,7 +205,8 @@ def test_ccl_store_refuses_a_wrong_token_and_serves_the_right_one(monkeypatch):
 
 @pytest.mark.timeout(30)
 def test_backend_selection_env(monkeypatch):
-    from mnemosyne.jit._select import MNEMOSYNE_JIT_BACKEND, backend_label, use_ccl
+    from mnemosyne.core.env import MNEMOSYNE_JIT_BACKEND
+    from mnemosyne.jit._select import backend_label, use_ccl
     from mnemosyne.jit._store import host_job_store
 
     monkeypatch.setenv(MNEMOSYNE_JIT_BACKEND, "torch")

@@ -190,3 +190,14 @@ print(host_path())
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith(f"numpy (numba njit failed: {error}"), res.stdout
+
+
+def test_numba_is_an_optional_extra():
+    # The host arena needs numpy only; numba (and llvmlite) come with [numba] or [cuda].
+    tomllib = pytest.importorskip("tomllib")
+    from pathlib import Path
+
+    meta = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    assert not [d for d in meta["dependencies"] if d.startswith("numba")]
+    extras = meta["optional-dependencies"]
+    assert any(d.startswith("numba>") for d in extras["numba"]) and any(d.startswith("numba>") for d in extras["cuda"])

@@ -37,6 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from mnemosyne.core.env import MNEMOSYNE_JIT_BACKEND
 from mnemosyne.core.events import EventKind, read_events
 from mnemosyne.jit.demo.run import DEMO_MODEL
 from mnemosyne.jit.summary import incidents
@@ -63,7 +64,7 @@ def run_mnemosyne(work: Path, a: argparse.Namespace, case: str) -> dict:
     shrink = case == "shrink"
     spares = 0 if shrink else int(case)
     plan = f"rank={a.kill_rank},step={a.kill_step},kind=kill,phase={a.kill_phase}"
-    env = {"MNEMOSYNE_JIT_BACKEND": a.jit_backend} if a.jit_backend != "auto" else None
+    env = {MNEMOSYNE_JIT_BACKEND: a.jit_backend} if a.jit_backend != "auto" else None
     run = launch(work / f"mnemosyne-{case}", nproc=a.nproc, spares=spares, steps=a.steps, inject=plan,
                  train_args=MODELS[a.model], timeout=a.timeout, env=env,
                  launch_args=[*(["--shrink"] if shrink else []), *(["--proxy", "--proxy-size", a.proxy_size]

@@ -15,7 +15,8 @@ Importing this package never imports torch; the backends do, when first used.
 from __future__ import annotations
 
 from mnemosyne.ccl.__about__ import __version__
-from mnemosyne.ccl._base import FlexCommunicator, comm_prefix, signal_abort
+from mnemosyne.ccl._base import FlexCommunicator
+from mnemosyne.ccl._epochs import comm_prefix, newest_epoch, signal_abort
 from mnemosyne.ccl.store_client import StoreClient
 from mnemosyne.ccl.store_server import StoreServer
 from mnemosyne.core.comm import BACKENDS_ENTRY_POINT, CommBackend
@@ -28,6 +29,7 @@ __all__ = [
     "__version__",
     "backend",
     "comm_prefix",
+    "newest_epoch",
     "signal_abort",
 ]
 

@@ -5,13 +5,7 @@ It owns what every backend shares: the logical-to-physical rank map, the store l
 fencing, the abort flag and the wait loop that turns a blocked collective into a prompt
 :class:`~mnemosyne.core.errors.CommAborted` / :class:`~mnemosyne.core.errors.PeerFailureError`.
 
-Store layout under the store given to ``create`` (normally the job's namespace)::
-
-    ccl/<tag>/epoch            highest epoch any member started building (fence)
-    ccl/<tag>/e<E>/members     JSON list of logical ranks in physical order
-    ccl/<tag>/e<E>/abort       reason text; any member or the agent may set it
-    ccl/<tag>/e<E>/pg/...      transport bootstrap keys (Gloo addresses, NCCL ids)
-    ccl/<tag>/e<E>/split<n>/<rank>  color and key of each member for split number n
+The store layout is :mod:`mnemosyne.ccl._epochs`'s.
 """
 
 from __future__ import annotations
@@ -25,19 +19,17 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mnemosyne.core.comm import Communicator, ReduceOp
+from mnemosyne.ccl._epochs import _check_ranks, advance_epoch, agree_members, comm_prefix
+from mnemosyne.core.comm import CommBackend, Communicator, ReduceOp
 from mnemosyne.core.errors import (
     CollectiveTimeout,
     CommAborted,
-    CommError,
     ConfigError,
     PeerFailureError,
-    ProtocolError,
-    StaleEpochError,
 )
-from mnemosyne.core.store import Store
+from mnemosyne.core.store import Store, wait_key
 
-__all__ = ["FlexCommunicator", "comm_prefix", "signal_abort"]
+__all__ = ["FlexBackend", "FlexCommunicator", "FlexWork"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,109 +37,47 @@ logger = logging.getLogger(__name__)
 POLL_S = 0.05
 
 
-def comm_prefix(tag: str, epoch: int) -> str:
-    """Store prefix of communicator ``tag`` at ``epoch``."""
-    return f"ccl/{tag}/e{epoch}"
+class FlexWork:
+    """An asynchronous operation of a :class:`FlexCommunicator` (a core ``Work``).
 
-
-def signal_abort(store: Store, epoch: int, reason: str, tag: str = "world") -> None:
-    """Abort every member of ``tag`` at ``epoch`` from outside (e.g. from the agent).
-
-    Members blocked in a collective raise :class:`PeerFailureError` within about
-    :data:`POLL_S` seconds; members building that epoch stop waiting for peers.
+    Args:
+        comm: The communicator that issued it (its abort flag, abort key and timeout
+            govern :meth:`wait`).
+        what: Name of the operation, for error messages.
+        done: Set by the transport when the operation completes (and by ``abort``).
+        is_complete: Whether the operation completed; may raise the transport's error.
+        finish: Run once after completion, in the waiting thread (e.g. to collect the
+            transport's result or error).
+        signalled: Completion always sets ``done`` (see ``wait_until``).
     """
-    store.set(f"{comm_prefix(tag, epoch)}/abort", reason.encode() or b"aborted")
 
+    def __init__(self, comm: FlexCommunicator, what: str, done: threading.Event, is_complete: Callable[[], bool],
+                 finish: Callable[[], None] | None = None, *, signalled: bool = False) -> None:
+        self._comm = comm
+        self._what = what
+        self._done = done
+        self._is_complete = is_complete
+        self._finish = finish
+        self._signalled = signalled
+        self._finished = False
 
-def _check_ranks(name: str, ranks: Sequence[int]) -> tuple[int, ...]:
-    out = tuple(sorted({int(r) for r in ranks}))
-    if len(out) != len(ranks):
-        msg = f"{name}: duplicate ranks in {list(ranks)}"
-        raise ConfigError(msg)
-    if any(r < 0 for r in out):
-        msg = f"{name}: ranks must be >= 0, got {list(ranks)}"
-        raise ConfigError(msg)
-    return out
-
-
-def member_order(what: str, rank: int, size: int, ranks: Sequence[int] | None) -> tuple[int, ...]:
-    """Physical order of a new group: ``ranks`` sorted (default ``range(size)``), checked.
-
-    Raises:
-        ConfigError: ``size`` is not the number of distinct ``ranks``, a rank is
-            negative, or ``rank`` is not among them.
-    """
-    if ranks is None:
-        if size < 1 or not 0 <= rank < size:
-            msg = f"{what}: need 0 <= rank < size, got rank={rank}, size={size}"
-            raise ConfigError(msg)
-        return tuple(range(size))
-    order = _check_ranks(what, ranks)
-    if len(order) != size or size < 1:
-        msg = f"{what}: size={size} but ranks={list(ranks)} name {len(order)} members (expected one per member)"
-        raise ConfigError(msg)
-    if rank not in order:
-        msg = f"{what}: rank {rank} is not in the member list {list(order)}"
-        raise ConfigError(msg)
-    return order
-
-
-def advance_epoch(store: Store, tag: str, epoch: int) -> None:
-    """Record that ``epoch`` of ``tag`` is being built; refuse an epoch older than the newest.
-
-    Raises:
-        StaleEpochError: A newer epoch of ``tag`` was already started.
-    """
-    key = f"ccl/{tag}/epoch"
-    mine = str(epoch).encode()
-    expected = b""
-    for _ in range(100):
-        stored = store.compare_set(key, expected, mine)
-        if stored == mine:
-            return
+    def is_completed(self) -> bool:
+        """Whether the operation finished (successfully or not); never blocks."""
+        if self._finished:
+            return True
         try:
-            current = int(stored)
-        except ValueError:
-            msg = f"store key {key!r} holds {stored[:40]!r}, expected an epoch number"
-            raise ProtocolError(msg) from None
-        if current > epoch:
-            msg = (f"communicator {tag!r}: epoch {epoch} is stale, epoch {current} was already started "
-                   "(a rebuild must name a newer epoch; a newcomer must join the survivors' grown epoch)")
-            raise StaleEpochError(msg)
-        expected = stored
-    msg = f"communicator {tag!r}: could not advance the epoch key to {epoch} (too much contention)"
-    raise CommError(msg)
+            return bool(self._is_complete())
+        except Exception:  # a failed operation is finished too; wait() raises its error
+            return True
 
-
-def agree_members(store: Store, tag: str, epoch: int, order: Sequence[int]) -> None:
-    """Publish the member list of ``epoch``, or check it against the one already published.
-
-    Raises:
-        ConfigError: Another member published a different list (after setting the
-            epoch's abort key, so that nobody waits for a group that cannot form).
-    """
-    prefix = comm_prefix(tag, epoch)
-    mine = json.dumps(list(order)).encode()
-    stored = store.compare_set(f"{prefix}/members", b"", mine)
-    if stored != mine:
-        reason = (f"membership disagreement for {tag!r} epoch {epoch}: this member expects ranks "
-                  f"{list(order)} (size {len(order)}), another published {stored.decode(errors='replace')}")
-        store.set(f"{prefix}/abort", reason.encode())
-        raise ConfigError(reason)
-
-
-def read_members(store: Store, tag: str, epoch: int, timeout: float) -> tuple[int, ...]:
-    """Wait for and return the member list the survivors published for ``epoch``."""
-    raw = store.get(f"{comm_prefix(tag, epoch)}/members", timeout)
-    try:
-        order = json.loads(raw)
-        if not isinstance(order, list) or not all(isinstance(r, int) for r in order):
-            bad = "not a list of ints"
-            raise ValueError(bad)
-    except ValueError as exc:
-        msg = f"member list of {tag!r} epoch {epoch} is malformed: {raw[:80]!r} ({exc})"
-        raise ProtocolError(msg) from None
-    return tuple(order)
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until done; raise ``CommAborted``/``PeerFailureError``/``CollectiveTimeout`` as a blocking call."""
+        if self._finished:
+            return
+        self._comm.wait_until(self._done, self._is_complete, self._what, timeout, signalled=self._signalled)
+        if self._finish is not None:
+            self._finish()
+        self._finished = True
 
 
 class FlexCommunicator(ABC):
@@ -164,6 +94,10 @@ class FlexCommunicator(ABC):
     """
 
     backend_name = ""
+    #: Longest sleep between two completion checks of an operation whose completion
+    #: sets no event (``wait_until`` without ``signalled``): bounds how late a waiter
+    #: sees a completed GPU collective.
+    poll_cap_s = POLL_S
 
     def __init__(self, store: Store, tag: str, epoch: int, order: Sequence[int], rank: int, timeout: float) -> None:
         self._store = store
@@ -312,7 +246,7 @@ class FlexCommunicator(ABC):
                     return
                 if is_complete():
                     return
-                slice_s = min(POLL_S, slice_s * 2)
+                slice_s = min(POLL_S if signalled else self.poll_cap_s, slice_s * 2)
                 self._raise_if_aborted()
                 if time.monotonic() < next_poll:
                     continue
@@ -457,8 +391,8 @@ class FlexCommunicator(ABC):
     # -- collectives (backends) ----------------------------------------------------
 
     @abstractmethod
-    def all_reduce(self, tensor: Any, op: ReduceOp = ReduceOp.SUM) -> None:
-        """Reduce ``tensor`` in place across all members."""
+    def all_reduce(self, tensor: Any, op: ReduceOp = ReduceOp.SUM, *, async_op: bool = False) -> FlexWork | None:
+        """Reduce ``tensor`` in place across all members (``async_op``: return a work to wait on)."""
 
     @abstractmethod
     def broadcast(self, tensor: Any, root: int) -> None:
@@ -487,6 +421,44 @@ class FlexCommunicator(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release resources; the communicator is unusable afterwards."""
+
+
+class FlexBackend(CommBackend):
+    """What every mnemosyne-ccl backend shares: :meth:`repair` by rebuild, shrink, grow or join."""
+
+    def repair(self, old: Communicator | None, store: Store, rank: int, ranks: Sequence[int], *, epoch: int,
+               joining: bool = False, timeout: float = 30.0,
+               interrupt: threading.Event | None = None) -> Communicator:
+        """See :meth:`CommBackend.repair`; ``epoch`` is the "world" family's epoch to build.
+
+        A member whose communicator is at ``epoch - 1`` repairs it in one step: with the
+        same logical ranks by ``rebuild()`` (Gloo's physical order stays sorted, so
+        reductions sum in the same order as before), with fewer by ``shrink(dead)``, with
+        more by ``grow(added)`` (the newcomers ``join``). A newcomer joins ``epoch`` once a
+        survivor published the member list (waiting interruptibly); a member whose
+        communicator is older (it missed an epoch while recovering), or whose members
+        changed both ways, creates ``epoch`` over ``ranks``, which agrees on the same
+        member list. The agent's ``signal_abort`` of ``epoch`` ends any of these builds.
+        """
+        if old is not None and old.epoch == epoch - 1:
+            have, want = set(old.ranks), set(ranks)
+            if have == want:
+                self.last_repair = "rebuild"
+                return old.rebuild()
+            if want < have:
+                self.last_repair = "shrink"
+                return old.shrink(sorted(have - want))
+            if have < want:
+                self.last_repair = "grow"
+                return old.grow(sorted(want - have))
+        if old is not None:
+            old.close()
+        if old is None and joining and len(ranks) > 1:
+            wait_key(store, f"{comm_prefix('world', epoch)}/members", interrupt, timeout)
+            self.last_repair = "join"
+            return self.join(store, rank, epoch=epoch, timeout=timeout)
+        self.last_repair = "create"
+        return self.create(store, rank, len(ranks), epoch=epoch, timeout=timeout, ranks=ranks)
 
 
 def _typecheck(c: FlexCommunicator) -> Communicator:

@@ -12,14 +12,14 @@ __all__ = ["register_ccl", "register_store"]
 
 
 def _run_store(args: argparse.Namespace) -> int:
-    from mnemosyne.ccl.store_server import run
+    from mnemosyne.ccl._store_cli import run
 
     return run(args)
 
 
 def register_store(sub: Any) -> None:
     """Add ``mnemo store``: run the persistent bootstrap store in the foreground."""
-    from mnemosyne.ccl.store_server import add_arguments
+    from mnemosyne.ccl._store_cli import add_arguments
 
     p = sub.add_parser("store", help="run the persistent bootstrap store (outlives every rank)")
     add_arguments(p)

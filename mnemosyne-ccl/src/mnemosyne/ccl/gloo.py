@@ -21,15 +21,9 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from mnemosyne.ccl._base import (
-    FlexCommunicator,
-    advance_epoch,
-    agree_members,
-    comm_prefix,
-    member_order,
-    read_members,
-)
-from mnemosyne.core.comm import CommBackend, ReduceOp
+from mnemosyne.ccl._base import FlexBackend, FlexCommunicator, FlexWork
+from mnemosyne.ccl._epochs import advance_epoch, agree_members, comm_prefix, member_order, read_members
+from mnemosyne.core.comm import ReduceOp
 from mnemosyne.core.errors import CommAborted, CommError, ConfigError, MissingDependencyError, StaleEpochError
 from mnemosyne.core.store import Store
 
@@ -55,13 +49,7 @@ def torch_op(op: ReduceOp) -> Any:
     """torch.distributed.ReduceOp for a core ReduceOp."""
     import torch.distributed as dist
 
-    return {
-        ReduceOp.SUM: dist.ReduceOp.SUM,
-        ReduceOp.AVG: dist.ReduceOp.AVG,
-        ReduceOp.PRODUCT: dist.ReduceOp.PRODUCT,
-        ReduceOp.MIN: dist.ReduceOp.MIN,
-        ReduceOp.MAX: dist.ReduceOp.MAX,
-    }[op]
+    return op.of(dist.ReduceOp)
 
 
 def _helper_loop(q: queue.SimpleQueue[Any]) -> None:
@@ -141,6 +129,10 @@ class GlooCommunicator(FlexCommunicator):
         return pg
 
     def _wait(self, work: Any, what: str) -> None:
+        self._start(work, what).wait()
+
+    def _start(self, work: Any, what: str) -> FlexWork:
+        """Wrap a ProcessGroupGloo work into a :class:`FlexWork` (abort-aware wait)."""
         done = threading.Event()
         try:
             future = work.get_future()
@@ -148,21 +140,26 @@ class GlooCommunicator(FlexCommunicator):
             future = None
         if future is not None:
             future.add_done_callback(lambda _f: done.set())
-            self.wait_until(done, work.is_completed, what, signalled=True)
-            try:
-                work.wait()
-            except RuntimeError as exc:
-                err = self.fail(f"{what} failed: {exc}")
-                raise err from None
-            return
+
+            def finish() -> None:
+                try:
+                    work.wait()
+                except RuntimeError as exc:
+                    err = self.fail(f"{what} failed: {exc}")
+                    raise err from None
+
+            return FlexWork(self, what, done, work.is_completed, finish, signalled=True)
         # Gloo's send/recv/reduce_scatter works have no future and never report
         # is_completed(): one helper thread per communicator waits for them in order.
         box: dict[str, Any] = {}
         self._helper().put((work, done, box))
-        self.wait_until(done, lambda: bool(box), what, signalled=True)
-        if "err" in box:
-            err = self.fail(f"{what} failed: {box['err']}")
-            raise err from None
+
+        def collect() -> None:
+            if "err" in box:
+                err = self.fail(f"{what} failed: {box['err']}")
+                raise err from None
+
+        return FlexWork(self, what, done, lambda: bool(box), collect, signalled=True)
 
     def _helper(self) -> queue.SimpleQueue[Any]:
         with self._lock:
@@ -174,13 +171,30 @@ class GlooCommunicator(FlexCommunicator):
 
     # -- collectives ---------------------------------------------------------------
 
-    def all_reduce(self, tensor: Any, op: ReduceOp = ReduceOp.SUM) -> None:
-        """Reduce ``tensor`` in place across all members."""
+    def all_reduce(self, tensor: Any, op: ReduceOp = ReduceOp.SUM, *, async_op: bool = False) -> FlexWork | None:
+        """Reduce ``tensor`` in place across all members (``async_op``: return the work at once).
+
+        Gloo has no ``AVG``: it is a sum divided by the member count here.
+        """
         import torch.distributed as dist
 
         opts = dist.AllreduceOptions()
-        opts.reduceOp = torch_op(op)
-        self._wait(self._issue().allreduce([tensor], opts), "all_reduce")
+        opts.reduceOp = torch_op(ReduceOp.SUM if op == ReduceOp.AVG else op)
+        work = self._start(self._issue().allreduce([tensor], opts), "all_reduce")
+        if op == ReduceOp.AVG:
+            inner = work._finish
+            size = self.size
+
+            def average() -> None:
+                if inner is not None:
+                    inner()
+                tensor.div_(size)
+
+            work._finish = average
+        if async_op:
+            return work
+        work.wait()
+        return None
 
     def broadcast(self, tensor: Any, root: int) -> None:
         """Copy ``tensor`` from logical rank ``root`` to every member."""
@@ -259,7 +273,7 @@ class GlooCommunicator(FlexCommunicator):
         self._retire()
 
 
-class GlooBackend(CommBackend):
+class GlooBackend(FlexBackend):
     """Creates Gloo communicators (entry point ``gloo`` of ``mnemosyne.ccl.backends``)."""
 
     name = "gloo"

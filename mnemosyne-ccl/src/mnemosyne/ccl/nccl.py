@@ -4,7 +4,11 @@
   return at once and are polled with ``get_async_error`` in a loop that also watches the
   abort flag, the epoch's abort key and the timeout, so a rebuild that cannot complete
   is aborted instead of hanging.
-* Collectives run on torch's *current* CUDA stream (never stream 0). Each call polls
+* Asynchronous collectives (``async_op=True``) run on one side stream per communicator,
+  ordered after the work already queued on the caller's current stream (an event), and
+  return a :class:`~mnemosyne.ccl._base.FlexWork` whose wait watches a CUDA event: no
+  host synchronisation at launch, one wait where the caller needs the result.
+* Blocking collectives run on torch's *current* CUDA stream (never stream 0). Each call polls
   ``get_async_error`` until NCCL has launched it (a non-blocking communicator may launch
   from its own thread after answering ncclInProgress), then records a CUDA event and
   waits for it while watching the abort flag; :meth:`~mnemosyne.ccl._base.FlexCommunicator.abort`
@@ -40,9 +44,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mnemosyne.ccl._base import FlexCommunicator, advance_epoch, agree_members, comm_prefix, member_order
-from mnemosyne.core.comm import CommBackend, ReduceOp
-from mnemosyne.core.env import env_int
+from mnemosyne.ccl._base import FlexBackend, FlexCommunicator, FlexWork
+from mnemosyne.ccl._epochs import advance_epoch, agree_members, comm_prefix, member_order
+from mnemosyne.core.comm import ReduceOp
+from mnemosyne.core.env import MNEMOSYNE_LOCAL_RANK, MNEMOSYNE_NCCL_CACHE, MNEMOSYNE_NCCL_NATIVE, env_int
 from mnemosyne.core.errors import CommAborted, CommError, ConfigError, MissingDependencyError
 from mnemosyne.core.files import private_dir
 from mnemosyne.core.store import Store
@@ -55,7 +60,7 @@ logger = logging.getLogger(__name__)
 NCCL_SHRINK_MIN = (2, 27, 3)
 NCCL_GROW_MIN = (2, 29, 2)
 #: Variable that turns on ncclCommShrink/ncclCommGrow through nccl4py ("1"; default off).
-NATIVE_ENV = "MNEMOSYNE_NCCL_NATIVE"
+NATIVE_ENV = MNEMOSYNE_NCCL_NATIVE
 
 
 def _native_children() -> bool:
@@ -102,16 +107,11 @@ def _in_progress(exc: BaseException) -> bool:
     return getattr(exc, "status", None) == 7 or "InProgress" in str(exc)
 
 
-def _red_op(nccl: Any, op: ReduceOp) -> Any:
-    return {ReduceOp.SUM: nccl.SUM, ReduceOp.AVG: nccl.AVG, ReduceOp.PRODUCT: nccl.PROD,
-            ReduceOp.MIN: nccl.MIN, ReduceOp.MAX: nccl.MAX}[op]
-
-
 class _TopoCache:
     """Where this host keeps NCCL's topology and graph dumps."""
 
     def __init__(self, root: str | None) -> None:
-        base = root or os.environ.get("MNEMOSYNE_NCCL_CACHE") or os.path.join(
+        base = root or os.environ.get(MNEMOSYNE_NCCL_CACHE) or os.path.join(
             tempfile.gettempdir(), f"mnemosyne-nccl-{os.getuid()}")
         # NCCL reads its topology back from here: a folder planted by another user under a
         # shared /tmp could feed it a forged one, so only our own 0700 folder is used.
@@ -163,6 +163,9 @@ class NcclCommunicator(FlexCommunicator):
     """One epoch of an NCCL communicator; tensors must be CUDA tensors on :attr:`device`."""
 
     backend_name = "nccl"
+    # A GPU collective's completion is an event query: poll it often enough that a
+    # waiter before the optimizer update starts it within 0.1 ms of the reduction.
+    poll_cap_s = 1e-4
 
     def __init__(self, store: Store, tag: str, epoch: int, order: Sequence[int], rank: int, timeout: float,
                  comm: Any, device: int, cache: _TopoCache) -> None:
@@ -171,6 +174,7 @@ class NcclCommunicator(FlexCommunicator):
         self.device = device
         self._cache = cache
         self._version = nccl_version()
+        self._side: Any = None  # torch.cuda.Stream of the asynchronous collectives
 
     # -- building ------------------------------------------------------------------
 
@@ -234,7 +238,14 @@ class NcclCommunicator(FlexCommunicator):
 
     # -- collectives ---------------------------------------------------------------
 
-    def _run(self, what: str, fn: Any) -> None:
+    def _side_stream(self) -> Any:
+        import torch
+
+        if self._side is None:
+            self._side = torch.cuda.Stream(device=self.device)  # type: ignore[no-untyped-call]
+        return self._side
+
+    def _run(self, what: str, fn: Any, *, async_op: bool = False, tensors: Sequence[Any] = ()) -> FlexWork | None:
         import torch
 
         self._raise_if_aborted()
@@ -243,6 +254,15 @@ class NcclCommunicator(FlexCommunicator):
             msg = f"{self!r} is closed"
             raise CommAborted(msg)
         stream = torch.cuda.current_stream(self.device)
+        if async_op:
+            caller, stream = stream, self._side_stream()
+            ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            ready.record(caller)
+            stream.wait_event(ready)
+            for t in tensors:
+                # Freed by the caller (an abandoned epoch), the memory must not be reused on
+                # another stream while this stream may still write it.
+                t.record_stream(stream)
         try:
             fn(comm, int(stream.cuda_stream))
         except Exception as exc:
@@ -271,12 +291,22 @@ class NcclCommunicator(FlexCommunicator):
                 launched = True
             return bool(event.query())  # type: ignore[no-untyped-call]
 
-        self.wait_until(done, complete, what)
+        work = FlexWork(self, what, done, complete)
+        if not async_op:
+            work.wait()
+            return None
+        # Record the completion event right behind this operation (later operations on
+        # the side stream must not delay its wait): poll until NCCL launched it.
+        if int(comm.get_async_error()) == 7:
+            self.wait_until(done, lambda: int(comm.get_async_error()) != 7, f"{what} launch")
+        complete()
+        return work
 
-    def all_reduce(self, tensor: Any, op: ReduceOp = ReduceOp.SUM) -> None:
-        """Reduce ``tensor`` in place across all members."""
-        red = _red_op(_nccl(), op)
-        self._run("all_reduce", lambda c, s: c.allreduce(tensor, tensor, red, stream=s))
+    def all_reduce(self, tensor: Any, op: ReduceOp = ReduceOp.SUM, *, async_op: bool = False) -> FlexWork | None:
+        """Reduce ``tensor`` in place across all members (``async_op``: on the side stream, return the work)."""
+        red = op.of(_nccl(), PRODUCT="PROD")
+        return self._run("all_reduce", lambda c, s: c.allreduce(tensor, tensor, red, stream=s), async_op=async_op,
+                         tensors=(tensor,))
 
     def broadcast(self, tensor: Any, root: int) -> None:
         """Copy ``tensor`` from logical rank ``root`` to every member."""
@@ -304,7 +334,7 @@ class NcclCommunicator(FlexCommunicator):
         import torch
 
         flat = torch.stack(self._sorted_to_physical(inputs, "reduce_scatter"))
-        red = _red_op(_nccl(), op)
+        red = op.of(_nccl(), PRODUCT="PROD")
         self._run("reduce_scatter", lambda c, s: c.reduce_scatter(flat, output, red, stream=s))
 
     def send(self, tensor: Any, dst: int) -> None:
@@ -399,7 +429,7 @@ def _published_devices(store: Store, prefix: str, order: tuple[int, ...], rank: 
     return [store.get(k, comm.timeout).decode() for k in keys]
 
 
-class NcclBackend(CommBackend):
+class NcclBackend(FlexBackend):
     """Creates NCCL communicators (entry point ``nccl`` of ``mnemosyne.ccl.backends``).
 
     Args:
@@ -412,7 +442,7 @@ class NcclBackend(CommBackend):
 
     def __init__(self, device: int | None = None, cache_dir: str | None = None) -> None:
         if device is None:
-            device = int(os.environ.get("MNEMOSYNE_LOCAL_RANK") or os.environ.get("LOCAL_RANK") or 0)
+            device = int(os.environ.get(MNEMOSYNE_LOCAL_RANK) or os.environ.get("LOCAL_RANK") or 0)
         self.device = device
         self._cache_dir = cache_dir
 

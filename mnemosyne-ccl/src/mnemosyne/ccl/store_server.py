@@ -27,15 +27,10 @@ may also declare its world size at hello; a client naming another size is refuse
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import hmac
 import logging
-import os
-import secrets
-import signal
-import stat
 import sys
 import threading
 import time
@@ -43,6 +38,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mnemosyne.ccl import _wire
+from mnemosyne.ccl._store_fields import err as _err
+from mnemosyne.ccl._store_fields import int_field as _int_field
+from mnemosyne.ccl._store_fields import keys_field as _keys_field
+from mnemosyne.ccl._store_fields import str_field as _str_field
+from mnemosyne.ccl._store_fields import timeout_field as _timeout_field
 from mnemosyne.core.errors import (
     AuthError,
     ConfigError,
@@ -59,9 +59,6 @@ logger = logging.getLogger(__name__)
 
 #: Port used by ``mnemo store`` when none is given (0 asks the OS for a free one).
 DEFAULT_PORT = 29700
-# A blocking get/wait without a timeout still ends: a client that vanished must not pin
-# a waiter forever. Clients always send their own, shorter, timeout.
-_MAX_WAIT_S = 3600.0
 #: Seconds a new connection has to complete its hello; a silent one is closed after it.
 HELLO_TIMEOUT = 3.0
 #: Largest header of a frame before the hello was accepted (a hello is ~200 bytes and has
@@ -101,44 +98,6 @@ class _Conn:
     job: _Job | None = None
     job_id: str = ""
     epoch: int | None = None
-
-
-def _err(exc: MnemosyneError) -> dict[str, Any]:
-    return {"ok": False, "error": type(exc).__name__, "msg": str(exc)}
-
-
-def _str_field(req: dict[str, Any], name: str) -> str:
-    value = req.get(name)
-    if not isinstance(value, str):
-        msg = f"store request {req.get('op')!r}: field {name!r} must be a string, got {type(value).__name__}"
-        raise ProtocolError(msg)
-    return value
-
-
-def _keys_field(req: dict[str, Any]) -> list[str]:
-    keys = req.get("keys")
-    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
-        msg = f"store request {req.get('op')!r}: field 'keys' must be a list of strings"
-        raise ProtocolError(msg)
-    return keys
-
-
-def _timeout_field(req: dict[str, Any]) -> float:
-    value = req.get("timeout")
-    if value is None:
-        return _MAX_WAIT_S
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-        msg = f"store request {req.get('op')!r}: 'timeout' must be a number >= 0 or null, got {value!r}"
-        raise ProtocolError(msg)
-    return min(float(value), _MAX_WAIT_S)
-
-
-def _int_field(req: dict[str, Any], name: str) -> int:
-    value = req.get(name)
-    if not isinstance(value, int) or isinstance(value, bool):
-        msg = f"store request {req.get('op')!r}: field {name!r} must be an integer, got {value!r}"
-        raise ProtocolError(msg)
-    return value
 
 
 class StoreServer:
@@ -510,90 +469,10 @@ class StoreServer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a store server in the foreground until SIGINT/SIGTERM (``python -m``)."""
-    parser = argparse.ArgumentParser(prog="mnemosyne.ccl.store_server", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    try:
-        return run(parser.parse_args(argv))
-    except MnemosyneError as exc:  # a usage error: one line, no traceback (as `mnemo store`)
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 1
+    """Run a store server in the foreground until SIGINT/SIGTERM (``python -m``; ``mnemo store``'s options)."""
+    from mnemosyne.ccl._store_cli import main as cli_main
 
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the server's options to ``parser`` (shared by ``mnemo store``)."""
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any)")
-    parser.add_argument("--job", default=os.environ.get("MNEMOSYNE_JOB_ID"), help="job id (or MNEMOSYNE_JOB_ID)")
-    parser.add_argument("--token-file", help="file holding the job token; created (mode 0600) if missing; "
-                        "default: MNEMOSYNE_TOKEN, else a fresh token printed once")
-
-
-def _read_token_file(path: str) -> str:
-    """Read a token file the way ``mnemo launch --token-file`` does: a regular, owner-only file.
-
-    Raises:
-        ConfigError: Not a regular file, readable by group/others, unreadable or empty.
-    """
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        msg = f"--token-file {path}: cannot read it ({exc.strerror or exc})"
-        raise ConfigError(msg) from None
-    if not stat.S_ISREG(st.st_mode):
-        msg = f"--token-file {path}: not a regular file (expected a file holding the job's token)"
-        raise ConfigError(msg)
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        msg = (f"--token-file {path}: mode {stat.S_IMODE(st.st_mode):o} lets other users read the job's token; "
-               "chmod 600 it")
-        raise ConfigError(msg)
-    try:
-        with open(path, encoding="utf-8") as fh:
-            token = fh.read().strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        msg = f"--token-file {path}: cannot read it ({exc})"
-        raise ConfigError(msg) from None
-    if not token:
-        msg = f"--token-file {path}: the file is empty (expected the job's shared token)"
-        raise ConfigError(msg)
-    return token
-
-
-def _read_or_make_token(path: str | None) -> tuple[str, bool]:
-    if path:
-        if os.path.lexists(path):
-            return _read_token_file(path), False
-        token = secrets.token_hex(16)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(token + "\n")
-        return token, False
-    env = os.environ.get("MNEMOSYNE_TOKEN")
-    if env:
-        return env, False
-    return secrets.token_hex(16), True
-
-
-def run(args: argparse.Namespace) -> int:
-    """Serve until interrupted; print ``listening <host:port>`` once bound (for launchers)."""
-    if not args.job:
-        msg = "--job (or MNEMOSYNE_JOB_ID) is required"
-        raise ConfigError(msg)
-    token, fresh = _read_or_make_token(args.token_file)
-    server = StoreServer(args.host, args.port, {args.job: token}).start()
-    done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
-    print(f"listening {server.address} job {args.job}", flush=True)
-    if fresh:
-        print(f"token {token}", flush=True)
-    try:
-        while not done.wait(1.0):
-            pass
-    finally:
-        server.stop()
-    print("store stopped", file=sys.stderr, flush=True)
-    return 0
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import sys
 from typing import Any
 
 from mnemosyne.cli.main import installed_components
+from mnemosyne.core.env import MNEMOSYNE_DOCTOR_PROBE_NCCL
 
 __all__ = ["NCCL_GROW_MIN", "NCCL_SHRINK_MIN", "collect", "nccl_capabilities", "register"]
 
@@ -142,7 +143,7 @@ def _vmm_report(device_count: int) -> dict[str, Any] | None:
 def collect() -> dict[str, Any]:
     """Gather the full environment report (the ``--json`` document)."""
     torch_info, nccl, gpus = _torch_report()
-    lib = _libnccl() if gpus or os.environ.get("MNEMOSYNE_DOCTOR_PROBE_NCCL") else None
+    lib = _libnccl() if gpus or os.environ.get(MNEMOSYNE_DOCTOR_PROBE_NCCL) else None
     if nccl is not None or lib is not None:
         nccl = dict(nccl or {})
         nccl["library"] = lib

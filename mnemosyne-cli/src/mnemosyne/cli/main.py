@@ -4,6 +4,17 @@ Each subcommand is a plugin: an entry point in the ``mnemosyne.cli.commands`` gr
 object is ``register(subparsers) -> None``. ``register`` adds one sub-parser and sets its
 ``func`` default to a callable ``func(args) -> int`` (the exit code). A plugin whose
 package is broken is reported, not fatal: the other commands keep working.
+
+Plugins load lazily, so that ``mnemo --help`` and ``mnemo --version`` stay fast (no
+torch):
+
+* the module an entry point names must import nothing heavy at import time: ``register``
+  only builds the sub-parser, and ``func`` imports the implementation when the command
+  runs (see ``mnemosyne.jit.cli``);
+* ``mnemo --version`` loads no plugin at all;
+* ``mnemo COMMAND ...`` loads only the plugin whose entry-point name is ``COMMAND`` (name
+  entry points after the command they add); ``mnemo --help`` and unknown commands load
+  every plugin, to list them.
 """
 
 from __future__ import annotations
@@ -51,8 +62,12 @@ class _VersionAction(argparse.Action):
         parser.exit(0)
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
-    """Build the parser from every installed command plugin.
+def build_parser(only: str | None = None) -> tuple[argparse.ArgumentParser, dict[str, str]]:
+    """Build the parser from the installed command plugins.
+
+    Args:
+        only: Load only the plugin of this entry-point name, when there is one (the
+            command about to run); otherwise every plugin.
 
     Returns:
         The parser and, per plugin that failed to load, the reason.
@@ -64,7 +79,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     broken: dict[str, str] = {}
-    for ep in sorted(entry_points(group=COMMANDS_ENTRY_POINT), key=lambda e: e.name):
+    plugins = sorted(entry_points(group=COMMANDS_ENTRY_POINT), key=lambda e: e.name)
+    if only is not None and [ep for ep in plugins if ep.name == only]:
+        plugins = [ep for ep in plugins if ep.name == only]
+    for ep in plugins:
         try:
             register = ep.load()
             register(sub)
@@ -89,9 +107,25 @@ def _configure_logging(verbose: int) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _split(argv: Sequence[str]) -> tuple[list[str], str | None]:
+    """The global options before the subcommand, and the subcommand (None when absent)."""
+    for i, arg in enumerate(argv):
+        if not arg.startswith("-"):
+            return list(argv[:i]), arg
+    return list(argv), None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``mnemo``; return the exit code."""
-    parser, broken = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    options, command = _split(argv)
+    if "--version" in options:  # without loading any plugin
+        for dist, ver in installed_components().items():
+            if ver is not None:
+                print(f"{dist} {ver}")
+        return 0
+    wants_help = "-h" in options or "--help" in options
+    parser, broken = build_parser(None if wants_help else command)
     args = parser.parse_args(argv)
     try:
         _configure_logging(args.verbose)

@@ -4,11 +4,16 @@ A trainer runs the user's script (``script.py args`` or ``-m module args``) as
 ``__main__`` right away. A pre-warmed spare (``--spare-id N``) first imports torch and
 initialises the device, reports ready in the store, and waits for the agent to assign it
 a rank; it then runs the script exactly as a trainer would, minus the import time.
+
+Each process names itself for ``ps``/``top``/``pgrep`` (``PR_SET_NAME``): ``mnemo-r<rank>``
+for a trainer, ``mnemo-spare`` for a spare until it is assigned a rank (``ps -o
+pid,comm,args``, ``pgrep -l mnemo-r``; ``ps aux`` shows the unchanged command line).
 """
 
 from __future__ import annotations
 
 import atexit
+import ctypes
 import faulthandler
 import json
 import os
@@ -19,6 +24,19 @@ import time
 import traceback
 
 __all__ = ["main"]
+
+
+def set_process_name(name: str) -> None:
+    """Name this process (its main thread) as ``ps -o comm``, ``top`` and ``pgrep`` show it.
+
+    Linux ``prctl(PR_SET_NAME)``: at most 15 bytes, longer names are cut. Threads started
+    afterwards inherit the name. Does nothing where prctl is not available.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(15, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)  # 15: PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
 
 
 def _run_user(cmd: list[str]) -> None:
@@ -105,7 +123,11 @@ def main(argv: list[str] | None = None) -> None:
     if args[:1] == ["--"]:
         args = args[1:]
     if spare_id is not None:
+        set_process_name("mnemo-spare")
         _wait_assignment(spare_id)
+    from mnemosyne.core.env import MNEMOSYNE_RANK
+
+    set_process_name(f"mnemo-r{os.environ.get(MNEMOSYNE_RANK, '')}")
     code = 0
     try:
         _run_user(args)

@@ -2,7 +2,9 @@
 
 Every membership epoch gets a brand-new torch ProcessGroup (Gloo on CPU, NCCL on GPU)
 built under a fresh store prefix; nothing of a previous epoch is reused ("everyone
-rebuilds": slower than ccl's shrink/grow, but correct). The members are logical ranks,
+rebuilds": slower than ccl's shrink/grow, but correct). :class:`TorchBackend` registers
+as the ``torch`` backend under :data:`~mnemosyne.core.comm.BACKENDS_ENTRY_POINT`, next to
+ccl's ``gloo`` and ``nccl``; its transport is the constructor's argument. The members are logical ranks,
 possibly with gaps (a shrunk job: ``[0, 1, 3]``); the group's own (physical) rank of a
 member is its index in the sorted member list, and every call that names a peer
 translates.
@@ -29,11 +31,11 @@ from typing import Any
 
 from mnemosyne.core.comm import CommBackend, Communicator, ReduceOp
 from mnemosyne.core.errors import CommAborted, CommError, PeerFailureError
-from mnemosyne.core.store import PrefixStore, Store
+from mnemosyne.core.store import PrefixStore, Store, wait_until
 from mnemosyne.jit import _keys
 from mnemosyne.jit._store import TorchStore
 
-__all__ = ["GRAVEYARD", "TorchBackend", "TorchComm", "torch_store_of"]
+__all__ = ["GRAVEYARD", "TorchBackend", "TorchComm", "TorchWork", "torch_store_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,18 +60,6 @@ def torch_store_of(store: Store) -> tuple[TorchStore | None, str]:
     if not isinstance(cur, TorchStore):
         return None, ""
     return cur, "/".join(reversed(parts))
-
-
-def _to_torch_op(op: ReduceOp) -> Any:
-    import torch.distributed as dist
-
-    return {
-        ReduceOp.SUM: dist.ReduceOp.SUM,
-        ReduceOp.AVG: dist.ReduceOp.AVG,
-        ReduceOp.PRODUCT: dist.ReduceOp.PRODUCT,
-        ReduceOp.MIN: dist.ReduceOp.MIN,
-        ReduceOp.MAX: dist.ReduceOp.MAX,
-    }[op]
 
 
 class TorchComm:
@@ -148,13 +138,19 @@ class TorchComm:
             msg = f"communicator of epoch {self._epoch} failed earlier: {self._reason}"
             raise PeerFailureError(msg)
 
-    def _run(self, what: str, launch: Callable[[], Any]) -> None:
-        """Launch an operation and wait for it, or for an abort, whichever comes first."""
+    def _launch(self, what: str, launch: Callable[[], Any]) -> Any:
         self._check()
         try:
-            work = launch()
+            return launch()
         except RuntimeError as exc:
             self._fail(what, exc)
+
+    def _run(self, what: str, launch: Callable[[], Any]) -> None:
+        """Launch an operation and wait for it, or for an abort, whichever comes first."""
+        self._await(what, self._launch(what, launch))
+
+    def _await(self, what: str, work: Any) -> None:
+        """Wait for a launched torch work, or for an abort, whichever comes first."""
         done = threading.Event()
         with self._lock:
             self._waiters.add(done)
@@ -217,13 +213,17 @@ class TorchComm:
             # abandoned operation until torch's timeout.
             ctypes.pythonapi.Py_IncRef(ctypes.py_object(self._pg))
 
-    def all_reduce(self, tensor: Any, op: ReduceOp = ReduceOp.SUM) -> None:
-        """See :class:`Communicator`."""
+    def all_reduce(self, tensor: Any, op: ReduceOp = ReduceOp.SUM, *, async_op: bool = False) -> TorchWork | None:
+        """See :class:`Communicator` (``async_op``: return a :class:`TorchWork` at once)."""
         import torch.distributed as dist
 
         opts = dist.AllreduceOptions()
-        opts.reduceOp = _to_torch_op(op)
-        self._run("all_reduce", lambda: self._pg.allreduce([tensor], opts))
+        opts.reduceOp = op.of(dist.ReduceOp)
+        work = TorchWork(self, "all_reduce", self._launch("all_reduce", lambda: self._pg.allreduce([tensor], opts)))
+        if async_op:
+            return work
+        work.wait()
+        return None
 
     def broadcast(self, tensor: Any, root: int) -> None:
         """See :class:`Communicator`."""
@@ -243,7 +243,7 @@ class TorchComm:
         import torch.distributed as dist
 
         opts = dist.ReduceScatterOptions()
-        opts.reduceOp = _to_torch_op(op)
+        opts.reduceOp = op.of(dist.ReduceOp)
         self._run("reduce_scatter", lambda: self._pg.reduce_scatter([output], [inputs], opts))
 
     def send(self, tensor: Any, dst: int, tag: int = 0) -> None:
@@ -306,18 +306,37 @@ class TorchComm:
         self._pg = None
 
 
-def _wait_for(done: Callable[[], bool], interrupt: threading.Event | None, deadline: float, what: str,
-              late: Callable[[], str], pause: float = 0.0) -> None:
-    """Poll ``done`` until true; a set ``interrupt`` raises CommAborted, the deadline CommError."""
-    while not done():
-        if interrupt is not None and interrupt.is_set():
-            msg = f"{what} interrupted by a newer epoch"
-            raise CommAborted(msg)
-        if time.monotonic() > deadline:
-            msg = f"{what}: {late()}"
-            raise CommError(msg)
-        if pause:
-            time.sleep(pause)
+class TorchWork:
+    """An asynchronous operation of a :class:`TorchComm` (a core ``Work``): abort-aware waits.
+
+    For NCCL, :meth:`wait` also waits until the operation completed on the device
+    (torch's own ``wait`` only orders the caller's stream after it).
+    """
+
+    def __init__(self, comm: TorchComm, what: str, work: Any) -> None:
+        self._comm = comm
+        self._what = what
+        self._work = work
+        self._finished = False
+
+    def is_completed(self) -> bool:
+        """Whether the operation finished (successfully or not); never blocks."""
+        return self._finished or bool(self._work.is_completed())
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until done (raise ``CommAborted``/``PeerFailureError`` as the blocking call would).
+
+        ``timeout`` is not used: torch's own operation timeout and the job's watchdog
+        bound the wait (the agent aborts the communicator of a hung peer).
+        """
+        if self._finished:
+            return
+        self._comm._await(self._what, self._work)
+        if self._comm.backend == "nccl":
+            while not self._work.is_completed():
+                self._comm._check()
+                time.sleep(5e-5)
+        self._finished = True
 
 
 class TorchBackend(CommBackend):
@@ -371,8 +390,9 @@ class TorchBackend(CommBackend):
         store.set(f"{key}/ranks", json.dumps(list(members)).encode())
         store.add(key, 1)
         deadline = time.monotonic() + timeout
-        _wait_for(lambda: store.add(key, 0) >= size, interrupt, deadline, f"rendezvous of epoch {epoch}",
-                  lambda: f"only {store.add(key, 0)} of {size} members arrived in {timeout} s", 0.002)
+        wait_until(lambda: store.add(key, 0) >= size, interrupt, timeout, f"rendezvous of epoch {epoch}",
+                   late=lambda: f"only {store.add(key, 0)} of {size} members arrived in {timeout} s",
+                   error=CommError, pause=0.002, max_pause=0.002)
         pg_store: Any
         if ts is None:
             # A GPU job on mnemosyne-ccl's store without nccl4py: torch bootstraps from
@@ -398,12 +418,22 @@ class TorchBackend(CommBackend):
                 built.set()
 
         threading.Thread(target=build, name=f"mnemosyne-pg-e{epoch}", daemon=True).start()
-        _wait_for(lambda: built.wait(0.005), interrupt, deadline, f"building the group of epoch {epoch}",
-                  lambda: f"took longer than {timeout} s")
+        wait_until(lambda: built.wait(0.005), interrupt, deadline - time.monotonic(),
+                   f"building the group of epoch {epoch}", late=lambda: f"took longer than {timeout} s",
+                   error=CommError, pause=0.0)
         if "err" in box:
             msg = f"building the {self.backend} group of epoch {epoch} failed: {box['err']}"
             raise CommError(msg) from box["err"]
         return TorchComm(box["pg"], rank, size, epoch, self.backend, members)
+
+    def repair(self, old: Communicator | None, store: Store, rank: int, ranks: Sequence[int], *, epoch: int,
+               joining: bool = False, timeout: float = 60.0,
+               interrupt: threading.Event | None = None) -> TorchComm:
+        """Every member builds a fresh group over ``ranks`` (see module doc); ``epoch`` is the membership's."""
+        if old is not None:
+            old.close()
+        self.last_repair = "create"
+        return self.create(store, rank, len(ranks), epoch=epoch, timeout=timeout, interrupt=interrupt, ranks=ranks)
 
     def join(self, store: Store, rank: int, *, epoch: int, timeout: float = 60.0) -> TorchComm:
         """Same as :meth:`create`: in the fallback every member rebuilds."""

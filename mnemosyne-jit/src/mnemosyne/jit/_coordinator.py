@@ -16,8 +16,18 @@ conflicting ones. It decides, for each failed rank, in this order:
 
 A node whose agent stopped writing its status for ``node_timeout`` seconds is lost:
 its ranks fail together ("node_lost") and are decided in one epoch. Every epoch comes
-with a placement (rank -> node, local rank), set in the store before the epoch, which
-tells each agent which processes to start.
+with a placement (rank -> node, local rank), which tells each agent which processes to
+start.
+
+The coordinator decides; it does not act. Its inputs are the failures (reported by its
+own agent, or read from the store), the other agents' statuses (from the store) and a
+:class:`NodeView` of its own node's spares; each decision is a :class:`Publish` (the
+next epoch: membership, placement, checkpoint order) or a :class:`Stop` (give the job
+up, and why). Its agent turns a :class:`Publish` into an
+:class:`~mnemosyne.jit._protocol.EpochRecord` (adding the communicator epoch), writes
+it, and applies it like every other agent. The coordinator keeps only its own
+bookkeeping (latest membership, where each rank lives, restarts used) and never reads or
+writes its agent's attributes.
 """
 
 from __future__ import annotations
@@ -25,18 +35,19 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mnemosyne.core.events import EventKind
 from mnemosyne.core.membership import Membership
+from mnemosyne.core.store import Store
 from mnemosyne.jit import _keys
+from mnemosyne.jit._agent_config import AgentConfig
+from mnemosyne.jit._protocol import CkptOrder
 
-if TYPE_CHECKING:
-    from mnemosyne.jit.agent import Agent
-
-__all__ = ["DEFAULT_CKPT_DIR", "GROW_WAIT", "Coordinator", "Failure"]
+__all__ = ["DEFAULT_CKPT_DIR", "GROW_WAIT", "Coordinator", "Decision", "Failure", "NodeView", "Publish", "Stop"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +66,43 @@ class Failure:
     cause: str
     detail: dict[str, Any]
     node: int
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """What the coordinator's own agent tells it about its node: spares ready, and alive (ready or warming)."""
+
+    ready: int
+    live: int
+
+
+@dataclass(frozen=True)
+class Publish:
+    """Decision: publish the next epoch.
+
+    Attributes:
+        membership: The next membership.
+        placement: Processes to start: rank -> (node, local rank).
+        reason: Why (for the ``epoch`` event).
+        ckpt: The "checkpoint and exit" order, if any.
+        notes: Events ``(kind, name, fields)`` to write once the epoch is published.
+    """
+
+    membership: Membership
+    placement: dict[int, tuple[int, int]]
+    reason: str
+    ckpt: CkptOrder | None = None
+    notes: tuple[tuple[str, str, dict[str, Any]], ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Decision: give the job up (``reason`` says why and what would have let it continue)."""
+
+    reason: str
+
+
+Decision = Publish | Stop
 
 
 @dataclass
@@ -77,14 +125,24 @@ class Coordinator:
     """Decides membership epochs for the whole job (see module doc).
 
     Args:
-        agent: The agent of node 0, whose store and event log it uses.
+        config: The launch configuration (the same on every node).
+        node: The coordinator's own node (0).
+        store: The job's store (failure reports, agent statuses, heartbeats).
+        emit: Writes an agent event (``node_lost``, seen as it is detected).
     """
 
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
-        cfg = agent.config
-        self.nodes = {n: _Node(n) for n in range(cfg.nnodes)}
-        self.where = {r: r // cfg.nproc for r in range(agent.world_size)}  # rank -> node hosting it
+    def __init__(self, config: AgentConfig, node: int, store: Store,
+                 emit: Callable[..., object]) -> None:
+        self.config = config
+        self.node = node
+        self.store = store
+        self.emit = emit
+        self.world_size = config.nproc * config.nnodes
+        #: The latest membership this coordinator decided (its agent publishes it at once).
+        self.membership = Membership.initial(self.world_size)
+        self.ckpt_ordered = False
+        self.nodes = {n: _Node(n) for n in range(config.nnodes)}
+        self.where = {r: r // config.nproc for r in range(self.world_size)}  # rank -> node hosting it
         self.homes = dict(self.where)
         self.restarts = 0
         self._reports_read = 0
@@ -93,11 +151,16 @@ class Coordinator:
         self._grow_ready_at: float | None = None  # when a spare first stood ready for an absent rank
         self.started = time.monotonic()
 
+    def start(self) -> Publish:
+        """The first epoch: every rank on its home node."""
+        place = {r: (r // self.config.nproc, r % self.config.nproc) for r in range(self.world_size)}
+        return self._publish(self.membership, place, "start")
+
     # ------------------------------------------------------------------ inputs
-    def poll(self, now: float) -> None:
+    def poll(self, now: float, view: NodeView) -> list[Decision]:
         """Read failure reports and node statuses; grow back when spares are ready."""
-        store = self.agent.store
-        assert store is not None
+        store = self.store
+        out: list[Decision] = []
         failures: list[Failure] = []
         reserved = store.add(_keys.FAIL_COUNT, 0)
         while self._reports_read < reserved:
@@ -108,26 +171,32 @@ class Coordinator:
             failures.append(Failure(int(body["rank"]), str(body["member"]), str(body["cause"]),
                                     dict(body.get("detail", {})), int(body["node"])))
             self._reports_read += 1
-        failures += self._check_nodes(now)
+        failures += self.check_nodes(now, view)
         if failures:
-            self.fail(failures)
-        if self.agent.ckpt_order is None and self.agent.config.shrink:
-            self._maybe_grow(now)
+            out += self._some(self.fail(failures, view))
+        if not self.ckpt_ordered and self.config.shrink:
+            out += self._some(self._maybe_grow(now))
         requests = store.add(_keys.REBUILD_REQUEST, 0)
-        if requests > self._rebuilds_seen and self.agent.ckpt_order is None:
+        if requests > self._rebuilds_seen and not self.ckpt_ordered:
             self._rebuilds_seen = requests
-            m = self.agent.membership
-            self._publish(m.next(reason="rebuild requested by a trainer"), {}, "rebuild requested by a trainer")
+            m = self.membership
+            out.append(self._publish(m.next(reason="rebuild requested by a trainer"), {},
+                                     "rebuild requested by a trainer"))
+        return out
 
-    def _check_nodes(self, now: float) -> list[Failure]:
-        store = self.agent.store
-        assert store is not None
-        cfg = self.agent.config
+    @staticmethod
+    def _some(decision: Decision | None) -> list[Decision]:
+        return [] if decision is None else [decision]
+
+    def check_nodes(self, now: float, view: NodeView) -> list[Failure]:
+        """Update every node's status; the ranks of a node found lost fail together."""
+        store = self.store
+        cfg = self.config
         lost: list[Failure] = []
         for st in self.nodes.values():
-            if st.node == self.agent.node:
-                st.ready = len(self.agent.ready_spares())
-                st.live = len([s for s in self.agent.spares if s.proc.poll() is None])
+            if st.node == self.node:
+                st.ready = view.ready
+                st.live = view.live
                 st.seen = True
                 continue
             if st.lost or st.exited is not None:
@@ -147,42 +216,38 @@ class Coordinator:
                        else f"agent never connected in {cfg.startup_timeout:.0f} s")
                 st.lost = True
                 store.set(_keys.agent_lost(st.node), why.encode())
-                self.agent.emit(EventKind.DETECT, "node_lost", lost_node=st.node, why=why)
+                self.emit(EventKind.DETECT, "node_lost", lost_node=st.node, why=why)
                 logger.warning("node %d lost: %s", st.node, why)
-                members = self.agent.membership.members
+                members = self.membership.members
                 lost += [Failure(r, members[r], "node_lost", {"why": why}, st.node)
                          for r, n in sorted(self.where.items()) if n == st.node and r in members]
         return lost
 
     # ---------------------------------------------------------------- decisions
-    def fail(self, failures: list[Failure]) -> None:
-        """Decide what happens to the ranks of ``failures`` (stale reports are ignored)."""
-        a = self.agent
-        members = a.membership.members
+    def fail(self, failures: list[Failure], view: NodeView) -> Decision | None:
+        """Decide what happens to the ranks of ``failures`` (stale reports are ignored: None)."""
+        members = self.membership.members
         fresh: dict[int, Failure] = {}
         for f in failures:
             if members.get(f.rank) == f.member and f.rank not in fresh:
                 fresh[f.rank] = f
-        if not fresh or a.ckpt_order is not None:
-            return
+        if not fresh or self.ckpt_ordered:
+            return None
         names = ", ".join(f"rank {r} {f.cause}" for r, f in sorted(fresh.items()))
         usage = [f for f in fresh.values() if f.detail.get("type") == "ConfigError"]
         if usage:
             # A usage error (bad script for the options given) recurs in every replacement.
             f = usage[0]
-            a.failed_reason = (f"rank {f.rank} stopped on a usage error, which a replacement would repeat: "
-                               f"{f.detail.get('error')}")
-            return
-        self.nodes[a.node].ready = len(a.ready_spares())
+            return Stop(f"rank {f.rank} stopped on a usage error, which a replacement would repeat: "
+                        f"{f.detail.get('error')}")
+        self.nodes[self.node].ready = view.ready
         self.restarts += len(fresh)
-        cfg = a.config
+        cfg = self.config
         exhausted = self.restarts > cfg.max_restarts
         if cfg.no_replace or (exhausted and cfg.ckpt_dir):
-            self._order_checkpoint(sorted(fresh), f"{names}: no replacement allowed")
-            return
+            return self._order_checkpoint(sorted(fresh), f"{names}: no replacement allowed")
         if exhausted:
-            a.failed_reason = f"{names} after {cfg.max_restarts} replacements"
-            return
+            return Stop(f"{names} after {cfg.max_restarts} replacements")
         place: dict[int, tuple[int, int]] = {}
         shrink: list[int] = []
         stuck: list[int] = []
@@ -206,18 +271,17 @@ class Coordinator:
             why = (f"{names}: no spare capacity for ranks {stuck} on a live node (use --spares, --shrink or "
                    f"--ckpt-dir)")
             if cfg.ckpt_dir:
-                self._order_checkpoint(sorted(fresh), why)
-            else:
-                a.failed_reason = why
-            return
-        nxt = a.membership.next(replace=list(place), remove=shrink, reason=names)
+                return self._order_checkpoint(sorted(fresh), why)
+            return Stop(why)
+        nxt = self.membership.next(replace=list(place), remove=shrink, reason=names)
         reason = names if not shrink else f"{names}: no warm spare ready, continue with {nxt.size} replicas"
-        self._publish(nxt, place, reason)
+        notes: tuple[tuple[str, str, dict[str, Any]], ...] = ()
         if shrink:
-            a.emit(EventKind.INFO, "shrink", target_ranks=shrink, members=list(nxt.ranks),
-                   world_size=a.world_size)
+            notes = ((EventKind.INFO, "shrink", {"target_ranks": shrink, "members": list(nxt.ranks),
+                                                 "world_size": self.world_size}),)
             logger.warning("%s: continuing with %d of %d replicas until a replacement is ready", names, nxt.size,
-                           a.world_size)
+                           self.world_size)
+        return self._publish(nxt, place, reason, notes=notes)
 
     def _ready_node(self, home: int, ready: dict[int, int]) -> int | None:
         if ready.get(home, 0) > 0:
@@ -227,34 +291,33 @@ class Coordinator:
     def _local_rank(self, rank: int, node: int) -> int:
         """Device index of ``rank`` on ``node``: its own at home, else the next spare slot there."""
         if self.homes[rank] == node:
-            return rank - node * self.agent.config.nproc
+            return rank - node * self.config.nproc
         k = self._foreign.get(node, 0)
         self._foreign[node] = k + 1
-        return self.agent.config.nproc + k
+        return self.config.nproc + k
 
-    def _maybe_grow(self, now: float) -> None:
+    def _maybe_grow(self, now: float) -> Decision | None:
         """Give absent ranks back to ready spares, all in one epoch.
 
         Every membership change aborts the step in progress, so when several ranks are
         absent and more spares are still warming up, the first ready spare waits up to
         :data:`GROW_WAIT` seconds for the others: one grow instead of several.
         """
-        a = self.agent
-        absent = [r for r in range(a.world_size) if r not in a.membership.members]
+        absent = [r for r in range(self.world_size) if r not in self.membership.members]
         if not absent:
             self._grow_ready_at = None
-            return
-        if a.all_done() or self._finishing():
-            return
+            return None
+        if self._all_done() or self._finishing():
+            return None
         alive = [st for st in self.nodes.values() if st.alive]
         n_ready, n_live = sum(st.ready for st in alive), sum(max(st.live, st.ready) for st in alive)
         if n_ready == 0:
             self._grow_ready_at = None
-            return
+            return None
         if self._grow_ready_at is None:
             self._grow_ready_at = now
         if n_ready < len(absent) and n_live > n_ready and now - self._grow_ready_at < GROW_WAIT:
-            return
+            return None
         self._grow_ready_at = None
         ready = {n: st.ready for n, st in self.nodes.items() if st.alive}
         place: dict[int, tuple[int, int]] = {}
@@ -265,51 +328,49 @@ class Coordinator:
             ready[node] -= 1
             place[r] = (node, self._local_rank(r, node))
         if not place:
-            return
+            return None
         ranks = sorted(place)
-        nxt = a.membership.next(add=ranks, reason=f"grow back {ranks}")
-        self._publish(nxt, place, f"replacement ready: grow back to {nxt.size} replicas")
-        a.emit(EventKind.INFO, "grow", target_ranks=ranks, members=list(nxt.ranks), world_size=a.world_size)
-        logger.warning("replacement ready: ranks %s rejoin (%d of %d replicas)", ranks, nxt.size, a.world_size)
+        nxt = self.membership.next(add=ranks, reason=f"grow back {ranks}")
+        logger.warning("replacement ready: ranks %s rejoin (%d of %d replicas)", ranks, nxt.size, self.world_size)
+        return self._publish(nxt, place, f"replacement ready: grow back to {nxt.size} replicas",
+                             notes=((EventKind.INFO, "grow", {"target_ranks": ranks, "members": list(nxt.ranks),
+                                                              "world_size": self.world_size}),))
+
+    def _all_done(self) -> bool:
+        return self.store.check([_keys.done(r) for r in self.membership.ranks])
 
     def _finishing(self) -> bool:
         """Whether a member already reached the end of training (growing now could strand the newcomer)."""
-        store = self.agent.store
-        assert store is not None
-        for r in self.agent.membership.ranks:
+        store = self.store
+        for r in self.membership.ranks:
             key = _keys.heartbeat(r)
             if store.check([key]) and json.loads(store.get(key, 5.0)).get("phase") in ("finish", "closed"):
                 return True
         return False
 
-    def _order_checkpoint(self, failed: list[int], why: str) -> None:
-        """Publish the "checkpoint and exit" decision: a new epoch whose order key lists the survivors."""
-        a = self.agent
-        store = a.store
-        assert store is not None
-        root = Path(a.config.ckpt_dir or DEFAULT_CKPT_DIR).resolve()
-        survivors = [r for r in a.membership.ranks if r not in failed]
-        nxt = a.membership.next(reason=f"{why}: checkpoint and exit")
-        order = {"dir": str(root), "ranks": survivors, "failed": failed}
-        # Set before the epoch: a survivor that adopts the epoch finds the order with it.
-        store.set(_keys.ckpt_order(nxt.epoch), json.dumps(order).encode())
-        self._publish(nxt, {}, f"{why}: checkpoint and exit")
-        a.emit(EventKind.INFO, "ckpt_ordered", target_ranks=failed, dir=str(root), ranks=survivors)
+    def _order_checkpoint(self, failed: list[int], why: str) -> Publish:
+        """The "checkpoint and exit" decision: a new epoch whose order lists the survivors."""
+        root = Path(self.config.ckpt_dir or DEFAULT_CKPT_DIR).resolve()
+        survivors = [r for r in self.membership.ranks if r not in failed]
+        nxt = self.membership.next(reason=f"{why}: checkpoint and exit")
+        self.ckpt_ordered = True
         logger.warning("%s: healthy ranks %s checkpoint into %s", why, survivors, root)
+        return self._publish(nxt, {}, f"{why}: checkpoint and exit",
+                             ckpt=CkptOrder(str(root), tuple(survivors), tuple(failed)),
+                             notes=((EventKind.INFO, "ckpt_ordered", {"target_ranks": failed, "dir": str(root),
+                                                                      "ranks": survivors}),))
 
-    def _publish(self, nxt: Membership, place: dict[int, tuple[int, int]], reason: str) -> None:
-        store = self.agent.store
-        assert store is not None
-        body = {str(r): [n, lr] for r, (n, lr) in place.items()}
-        store.set(_keys.placement(nxt.epoch), json.dumps(body).encode())  # before the epoch itself
+    def _publish(self, nxt: Membership, place: dict[int, tuple[int, int]], reason: str, *,
+                 ckpt: CkptOrder | None = None, notes: tuple[tuple[str, str, dict[str, Any]], ...] = ()) -> Publish:
         for r, (n, _lr) in place.items():
             self.where[r] = n
-        self.agent.publish(nxt, sorted(place), reason)
+        self.membership = nxt
+        return Publish(nxt, dict(place), reason, ckpt, notes)
 
     # ------------------------------------------------------------------ ending
     def others_finished(self) -> bool:
         """Every other node's agent left (or was lost)."""
-        return all(st.exited is not None or st.lost for n, st in self.nodes.items() if n != self.agent.node)
+        return all(st.exited is not None or st.lost for n, st in self.nodes.items() if n != self.node)
 
     def exit_codes(self) -> dict[int, int]:
         """Trainer exit codes the other agents reported as they left."""
@@ -318,3 +379,10 @@ class Coordinator:
             if st.exited is not None:
                 codes.update({int(r): int(c) for r, c in st.exited.get("codes", {}).items()})
         return codes
+
+    def absent_on_lost_nodes(self) -> int:
+        """Absent ranks whose home node is lost (the coordinator's node warms spares for them)."""
+        if not any(st.lost for st in self.nodes.values()):
+            return 0
+        members = self.membership.members
+        return sum(1 for r, n in self.homes.items() if r not in members and self.nodes[n].lost)

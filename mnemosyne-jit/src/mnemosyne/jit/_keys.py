@@ -8,7 +8,6 @@ from __future__ import annotations
 
 __all__ = [
     "DONE",
-    "EPOCH",
     "FAIL_COUNT",
     "INJECT_COUNT",
     "REBUILD_REQUEST",
@@ -17,8 +16,6 @@ __all__ = [
     "agent_lost",
     "agent_status",
     "arrive",
-    "ckpt_order",
-    "comm_epoch",
     "comm_prefix",
     "committed",
     "done",
@@ -27,7 +24,6 @@ __all__ = [
     "heartbeat",
     "inject_plan",
     "membership",
-    "placement",
     "report",
     "spare_assign",
     "spare_ready",
@@ -35,8 +31,6 @@ __all__ = [
     "xfer_meta",
 ]
 
-#: Latest published membership epoch, as decimal text (the agent writes it last).
-EPOCH = "epoch"
 #: Number of fault plans written by ``mnemo inject``.
 INJECT_COUNT = "inject/n"
 #: A trainer saw a communicator error that no membership change explains: it asks the
@@ -70,13 +64,8 @@ def fail_report(index: int) -> str:
     return f"agents/fail/{index}"
 
 
-def placement(epoch: int) -> str:
-    """Which node starts which rank in ``epoch`` (JSON: rank -> [node, local_rank]), set before the epoch."""
-    return f"membership/{epoch}/place"
-
-
 def membership(epoch: int) -> str:
-    """Membership record (JSON) of ``epoch``."""
+    """The epoch record of ``epoch`` (JSON: :class:`~mnemosyne.jit._protocol.EpochRecord`), set once."""
     return f"membership/{epoch}"
 
 
@@ -143,13 +132,3 @@ def spare_assign(spare_id: int) -> str:
 def spare_stop(spare_id: int) -> str:
     """Set by the agent to send a spare home."""
     return f"spare/{spare_id}/stop"
-
-
-def comm_epoch(epoch: int) -> str:
-    """Epoch of mnemosyne-ccl's communicator family that membership ``epoch`` builds."""
-    return f"membership/{epoch}/comm_epoch"
-
-
-def ckpt_order(epoch: int) -> str:
-    """The agent's "checkpoint and exit" decision for membership ``epoch`` (JSON), set before the epoch."""
-    return f"membership/{epoch}/ckpt"

@@ -25,16 +25,18 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from mnemosyne.core.errors import CommAborted, RecoveryError, StoreTimeout
+from mnemosyne.core.comm import Communicator
+from mnemosyne.core.errors import RecoveryError
 from mnemosyne.core.store import Store
+from mnemosyne.core.store import wait_key as _wait_key
 from mnemosyne.jit import _keys
+from mnemosyne.jit._comm import TorchComm
 from mnemosyne.jit._state import (
     TensorSpec,
     assign_stripes,
@@ -78,28 +80,13 @@ class Agreement:
 
 
 def wait_key(store: Store, key: str, interrupt: threading.Event, timeout: float) -> bytes:
-    """Get ``key``, waiting in short slices so that ``interrupt`` ends the wait at once.
+    """Get ``key``, interruptibly (:func:`mnemosyne.core.store.wait_key`).
 
     Raises:
         CommAborted: ``interrupt`` was set (a newer epoch exists).
         RecoveryError: The key did not appear within ``timeout`` seconds.
     """
-    deadline = time.monotonic() + timeout
-    pause = 0.0005
-    while not store.check([key]):
-        if interrupt.is_set():
-            msg = f"waiting for {key!r} interrupted by a newer epoch"
-            raise CommAborted(msg)
-        if time.monotonic() > deadline:
-            msg = f"recovery: store key {key!r} did not appear within {timeout} s"
-            raise RecoveryError(msg)
-        time.sleep(pause)
-        pause = min(pause * 2, 0.01)
-    try:
-        return store.get(key, 5.0)
-    except StoreTimeout as exc:  # deleted between check and get: treat as missing
-        msg = f"recovery: store key {key!r} vanished"
-        raise RecoveryError(msg) from exc
+    return _wait_key(store, key, interrupt, timeout, error=RecoveryError)
 
 
 def agree(store: Store, epoch: int, rank: int, ranks: list[int], committed: int, started: int,
@@ -163,7 +150,7 @@ def _needed(meta: dict[str, Any], specs: list[TensorSpec], local: LocalState) ->
     return need, [t if backed[i] else None for i, t in enumerate(own)]
 
 
-def transfer(comm: Any, store: Store, epoch: int, rank: int, plan: Agreement, device: torch.device,
+def transfer(comm: Communicator, store: Store, epoch: int, rank: int, plan: Agreement, device: torch.device,
              state_fn: Callable[[], dict[str, Any]], interrupt: threading.Event, timeout: float,
              local: LocalState | None = None, report: dict[str, Any] | None = None) -> tuple[Any, int]:
     """Run this rank's part of the transfer.
@@ -191,11 +178,8 @@ def transfer(comm: Any, store: Store, epoch: int, rank: int, plan: Agreement, de
     """
     info = report if report is not None else {}
     info.update(role="none", kept_bytes=0, heavy_bytes=0)
-    transport = getattr(comm, "backend_name", None) or getattr(comm, "backend", "gloo")
-    comm_device = torch.device("cpu") if transport == "gloo" else device
-    # The fallback's torch groups take a message tag; ccl's send/recv have none and keep
-    # the order of messages between two members, which is all the stripes need.
-    tagged = not hasattr(comm, "backend_name")
+    # Every transport a trainer uses moves CUDA tensors (NCCL, ccl's or torch's) or CPU ones (Gloo).
+    comm_device = device if device.type == "cuda" else torch.device("cpu")
     if not plan.receivers:
         return None, 0
     if rank in plan.donors:
@@ -221,7 +205,7 @@ def transfer(comm: Any, store: Store, epoch: int, rank: int, plan: Agreement, de
             for tag, idxs in enumerate(pack_plan(specs, owner, rank, None if key is None else set(key))):
                 buf = pack([tensors[i] for i in idxs], comm_device)
                 for dst in dsts:
-                    if tagged:
+                    if isinstance(comm, TorchComm):  # the fallback takes a message tag; ccl keeps the order
                         comm.send(buf, dst, tag=tag)
                     else:
                         comm.send(buf, dst)
@@ -252,7 +236,7 @@ def transfer(comm: Any, store: Store, epoch: int, rank: int, plan: Agreement, de
         for tag, idxs in enumerate(pack_plan(specs, owner, src, None if need is None else set(need))):
             n = sum(specs[i].nbytes for i in idxs)
             buf = torch.empty(n, dtype=torch.uint8, device=comm_device)
-            if tagged:
+            if isinstance(comm, TorchComm):
                 comm.recv(buf, src, tag=tag)
             else:
                 comm.recv(buf, src)

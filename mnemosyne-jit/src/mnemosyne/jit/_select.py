@@ -11,15 +11,16 @@ its children.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["MNEMOSYNE_JIT_BACKEND", "backend_label", "use_ccl"]
+from mnemosyne.core.env import MNEMOSYNE_JIT_BACKEND
 
-#: ``torch`` forces the plain torch.distributed path even when mnemosyne-ccl is installed;
-#: ``ccl`` requires mnemosyne-ccl. Private to mnemosyne-jit (not in mnemosyne.core.env):
-#: it exists so that tests and benchmarks can run the fallback on a machine where every
-#: package is installed, and so that children follow the agent's choice.
-MNEMOSYNE_JIT_BACKEND = "MNEMOSYNE_JIT_BACKEND"
+if TYPE_CHECKING:
+    from mnemosyne.core.comm import CommBackend
+
+__all__ = ["backend_label", "comm_backend", "use_ccl"]
 
 
 def use_ccl() -> bool:
@@ -48,3 +49,25 @@ def backend_label(ccl: bool, device_type: str) -> str:
     """Name recorded in events: ``ccl-gloo``, ``ccl-nccl``, ``torch-gloo`` or ``torch-nccl``."""
     transport = "nccl" if device_type == "cuda" else "gloo"
     return f"{'ccl' if ccl else 'torch'}-{transport}"
+
+
+def comm_backend(device_type: str, logger: logging.Logger | logging.LoggerAdapter[Any]) -> tuple[bool, CommBackend]:
+    """Whether the trainer uses mnemosyne-ccl, and its communicator backend, for a model on ``device_type``.
+
+    ccl's ``gloo``/``nccl``, or the fallback ``torch`` backend (its transport is its
+    argument), all loaded by name from :data:`~mnemosyne.core.comm.BACKENDS_ENTRY_POINT`.
+    """
+    from mnemosyne.core import plugins
+    from mnemosyne.core.comm import BACKENDS_ENTRY_POINT
+
+    transport = "nccl" if device_type == "cuda" else "gloo"
+    ccl = use_ccl()
+    if ccl and transport == "nccl" and importlib.util.find_spec("nccl") is None:
+        # ccl's NCCL backend needs nccl4py; torch's own NCCL group still works (on
+        # ccl's authenticated store), rebuilt by every member per epoch.
+        logger.warning("mnemosyne-ccl's NCCL backend needs nccl4py (pip install "
+                       "'mnemosyne-ccl[nccl]'); using torch's ProcessGroupNCCL instead")
+        ccl = False
+    cls = plugins.load(BACKENDS_ENTRY_POINT, transport if ccl else "torch")
+    backend: CommBackend = cls() if ccl else cls(transport)
+    return ccl, backend

@@ -72,14 +72,20 @@ class Step:
         gradients by the data-parallel world size.
         """
         self._micro = True
-        for i, d in enumerate(self.data_ranks):
-            if i == 0:
-                batch = self._batch  # the RNGs already hold this rank's state for the step
-            else:
-                batch = self._batch_of(d)
-                self.job._seed_rngs(d, self.index)
-            self.ran.append(d)
-            yield batch
+        last = len(self.data_ranks) - 1
+        try:
+            for i, d in enumerate(self.data_ranks):
+                if i == 0:
+                    batch = self._batch  # the RNGs already hold this rank's state for the step
+                else:
+                    batch = self._batch_of(d)
+                    self.job._seed_rngs(d, self.index)
+                self.ran.append(d)
+                # Only the last micro-batch's backward launches the gradient reductions.
+                self.job._final_backward(i == last)
+                yield batch
+        finally:
+            self.job._final_backward(True)
 
     @property
     def micro_batches_done(self) -> bool:

@@ -27,7 +27,6 @@ from typing import Any
 
 from mnemosyne.core.errors import MnemosyneError, StoreTimeout
 from mnemosyne.jit import _keys
-from mnemosyne.jit._store import TorchStore
 from mnemosyne.jit.inject import Injector, parse_plans
 
 __all__ = ["Watchdog"]
@@ -119,11 +118,3 @@ class Watchdog(threading.Thread):
             return
         with contextlib.suppress(StoreTimeout):
             self.store.wait([_keys.membership(self.known_epoch + 1)], wait_s)
-
-
-def new_thread_store(store: TorchStore, job: str) -> Any:
-    """A job-prefixed view over a fresh client connection (one per thread)."""
-    return store.clone().prefixed(job)
-
-
-__all__ += ["new_thread_store"]

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -39,6 +38,11 @@ import torch
 from mnemosyne.core.errors import ConfigError, CorruptStateError, StateError, StoreTimeout
 from mnemosyne.core.store import Store
 from mnemosyne.jit.__about__ import __version__
+from mnemosyne.jit._ckpt_io import describe_files as _describe_files
+from mnemosyne.jit._ckpt_io import fsync_path as _fsync_path
+from mnemosyne.jit._ckpt_io import published, wait_keys
+from mnemosyne.jit._ckpt_io import sha256 as _sha256
+from mnemosyne.jit._ckpt_io import size_mismatch as _size_mismatch
 from mnemosyne.jit._state import TensorSpec, assign_stripes, rebuild, skeleton, spec_of
 
 __all__ = [
@@ -68,7 +72,6 @@ FORMAT_VERSION = 1
 #: Marker between a checkpoint's name and the id of one of its staging directories.
 STAGING_MARK = ".tmp-"
 _DCP_METADATA = ".metadata"
-_HASH_CHUNK = 1 << 20
 
 
 def checkpoint_name(step: int) -> str:
@@ -93,31 +96,6 @@ def _named(obj: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
 
 def _rebuild(skel: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return rebuild(skel, lambda ref: tensors[ref], CorruptStateError)
-
-
-# ----------------------------------------------------------------- files
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _describe_files(root: Path, sub: str) -> dict[str, dict[str, Any]]:
-    out = {}
-    for p in sorted((root / sub).rglob("*")):
-        if p.is_file():
-            out[p.relative_to(root).as_posix()] = {"size": p.stat().st_size, "sha256": _sha256(p)}
-    return out
 
 
 # ----------------------------------------------------------------- write
@@ -155,6 +133,9 @@ def write(path: str | os.PathLike[str], state: Any, *, step: int, rank: int, wor
             that cannot be checkpointed.
         StoreTimeout: A writer did not report within ``timeout`` (nothing is committed;
             the staging directory stays, listed as incomplete).
+        MultiRankError: This writer or another failed (an ``OSError`` while saving or
+            syncing, DCP's ``finish``...): every writer raises it within a poll of the
+            failure, naming each failed rank and its error; nothing is committed.
     """
     from torch.distributed.checkpoint.filesystem import FileSystemWriter
     from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
@@ -176,29 +157,33 @@ def write(path: str | os.PathLike[str], state: Any, *, step: int, rank: int, wor
     names = sorted(tensors)
     specs = [spec_of(tensors[n]) for n in names]
     owner = dict(zip(names, assign_stripes(specs, writers), strict=True))
-    # The first writer to arrive names the staging directory; the others adopt its id.
-    sid = store.compare_set("id", b"", uuid.uuid4().hex[:12].encode()).decode()
-    staging = final.with_name(f"{final.name}{STAGING_MARK}{sid}")
-    # Model and optimizer state: owner-only. The files DCP writes inside follow the umask,
-    # but nobody else can enter a 0700 directory (the final one keeps the mode on rename).
-    final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    staging.mkdir(exist_ok=True, mode=0o700)
-    sub = f"shard-{rank:05d}"
-    mine = {n: tensors[n].detach() for n in names if owner[n] == rank}
-    if mine:
-        with warnings.catch_warnings():  # no_dist is deliberate: the store is our barrier
-            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled", category=UserWarning)
-            dcp_save(mine, storage_writer=FileSystemWriter(staging / sub, sync_files=True), no_dist=True)
-    files = _describe_files(staging, sub) if mine else {}
-    note("shard")
-    store.set(f"done/{rank}", json.dumps({"files": files}).encode())
+    what = f"checkpoint {final}"
+    with published(store, rank, writers, what):
+        # The first writer to arrive names the staging directory; the others adopt its id.
+        sid = store.compare_set("id", b"", uuid.uuid4().hex[:12].encode()).decode()
+        staging = final.with_name(f"{final.name}{STAGING_MARK}{sid}")
+        # Model and optimizer state: owner-only. The files DCP writes inside follow the umask,
+        # but nobody else can enter a 0700 directory (the final one keeps the mode on rename).
+        final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        staging.mkdir(exist_ok=True, mode=0o700)
+        sub = f"shard-{rank:05d}"
+        mine = {n: tensors[n].detach() for n in names if owner[n] == rank}
+        if mine:
+            with warnings.catch_warnings():  # no_dist is deliberate: the store is our barrier
+                warnings.filterwarnings("ignore", message=".*torch.distributed is disabled", category=UserWarning)
+                dcp_save(mine, storage_writer=FileSystemWriter(staging / sub, sync_files=True), no_dist=True)
+        files = _describe_files(staging, sub) if mine else {}
+        note("shard")
+        store.set(f"done/{rank}", json.dumps({"files": files}).encode())
     coordinator = writers[0]
     if rank == coordinator:
         _commit(final, staging, store, writers, names, specs, owner, skeleton, step, world_size, meta, timeout, note)
     else:
         # The coordinator may spend ``timeout`` waiting for the last writer, then merge
-        # and hash: wait for its verdict twice as long plus slack.
-        got = store.get("committed", 2 * timeout + 30.0).decode()
+        # and hash: wait for its verdict twice as long plus slack (a failure, published
+        # by whichever writer hit it, ends the wait at once).
+        wait_keys(store, ["committed"], writers, 2 * timeout + 30.0, what)
+        got = store.get("committed", 5.0).decode()
         if got != "ok":
             msg = f"checkpoint {final}: the coordinator (rank {coordinator}) failed to commit: {got}"
             raise StateError(msg)
@@ -209,17 +194,25 @@ def write(path: str | os.PathLike[str], state: Any, *, step: int, rank: int, wor
 def _commit(final: Path, staging: Path, store: Store, writers: list[int], names: list[str], specs: list[TensorSpec],
             owner: dict[str, int], skeleton: Any, step: int, world_size: int, meta: dict[str, Any] | None,
             timeout: float, note: Callable[[str], None]) -> None:
-    from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
-    from torch.distributed.checkpoint.metadata import Metadata
-    from torch.distributed.checkpoint.storage import WriteResult
-
     try:
-        store.wait([f"done/{r}" for r in writers], timeout)
+        wait_keys(store, [f"done/{r}" for r in writers], writers, timeout, f"checkpoint {final}")
     except StoreTimeout as exc:
         missing = [r for r in writers if not store.check([f"done/{r}"])]
         store.set("committed", f"writers {missing} did not report".encode())
         msg = f"checkpoint {final}: writer ranks {missing} did not report within {timeout} s; not committed"
         raise StoreTimeout(msg) from exc
+    with published(store, writers[0], writers, f"checkpoint {final}"):
+        _merge_and_rename(final, staging, store, writers, names, specs, owner, skeleton, step, world_size, meta,
+                          timeout, note)
+
+
+def _merge_and_rename(final: Path, staging: Path, store: Store, writers: list[int], names: list[str],
+                      specs: list[TensorSpec], owner: dict[str, int], skeleton: Any, step: int, world_size: int,
+                      meta: dict[str, Any] | None, timeout: float, note: Callable[[str], None]) -> None:
+    from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
+    from torch.distributed.checkpoint.metadata import Metadata
+    from torch.distributed.checkpoint.storage import WriteResult
+
     files: dict[str, dict[str, Any]] = {}
     merged = Metadata(state_dict_metadata={}, planner_data={}, storage_data={})
     results = []
@@ -483,19 +476,6 @@ def list_checkpoints(root: str | os.PathLike[str]) -> list[CkptEntry]:
             continue
         out.append(CkptEntry(p, True, m["step"], m["world_size"], size))
     return out
-
-
-def _size_mismatch(root: Path, files: dict[str, Any]) -> str:
-    """What is wrong with the listed files' presence and sizes (cheap: no hashing), or ``""``."""
-    for rel, info in files.items():
-        want = info.get("size") if isinstance(info, dict) else None
-        try:
-            got = (root / rel).stat().st_size
-        except OSError:
-            return f"file {rel} is missing"
-        if got != want:
-            return f"file {rel} is {got} bytes, expected {want} (truncated or overwritten)"
-    return ""
 
 
 def latest(root: str | os.PathLike[str]) -> Path | None:

@@ -1,7 +1,9 @@
-"""``mnemo launch``, ``mnemo inject`` and ``mnemo demo`` (plugins of the ``mnemo`` command).
+"""``mnemo launch``, ``mnemo inject``, ``mnemo demo`` and ``mnemo report`` (plugins of ``mnemo``).
 
 Each ``register_*`` is an entry point of the ``mnemosyne.cli.commands`` group: it adds
-one sub-parser and sets ``func``.
+one sub-parser and sets ``func``. The parser is built at every ``mnemo`` invocation
+(``mnemo --help`` too), so this module imports nothing heavy at import time (no torch,
+no numpy, nothing of the runtime): each command imports its implementation when it runs.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from typing import Any
 
 from mnemosyne.core.env import MNEMOSYNE_INJECT
 from mnemosyne.core.errors import AuthError, ConfigError
+from mnemosyne.jit.inject import PHASES
 
-__all__ = ["register_demo", "register_inject", "register_launch"]
+__all__ = ["register_demo", "register_inject", "register_launch", "register_report", "store_note"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +46,12 @@ def _launch(args: argparse.Namespace) -> int:
                       shrink=args.shrink, nnodes=args.nnodes, node_rank=args.node_rank, master=args.master,
                       token=token, node_timeout=args.node_timeout, proxy=args.proxy, proxy_size=args.proxy_size)
     agent = Agent(cfg)
+    note = store_note()
+    if note:
+        print(f"mnemo launch: {note}", flush=True)
     where = f"node {cfg.node_rank} of {cfg.nnodes}, " if cfg.nnodes > 1 else ""
-    print(f"mnemo launch: job {agent.job_id}, {where}{cfg.nproc} ranks, {cfg.spares} spares, events: "
+    print(f"mnemo launch: job {agent.job_id}, {where}{cfg.nproc} rank{'' if cfg.nproc == 1 else 's'}, "
+          f"{cfg.spares} spare{'' if cfg.spares == 1 else 's'}, events: "
           f"{agent.event_log_path}", flush=True)
     return agent.run()
 
@@ -71,6 +78,19 @@ def _check_script(script: str, module: bool) -> None:
     if not found:
         msg = f"mnemo launch -m {script}: no module named {script!r} in this environment"
         raise ConfigError(msg)
+
+
+def store_note() -> str | None:
+    """What ``mnemo launch`` says when the job takes the unauthenticated fallback store, else None."""
+    from mnemosyne.core.env import MNEMOSYNE_JIT_BACKEND
+    from mnemosyne.jit._select import use_ccl
+
+    if use_ccl():
+        return None
+    why = (f"{MNEMOSYNE_JIT_BACKEND}=torch" if os.environ.get(MNEMOSYNE_JIT_BACKEND, "").strip().lower() == "torch"
+           else "mnemosyne-ccl is not installed")
+    return (f"store: torch TCPStore, unauthenticated ({why}); pip install 'mnemosyne-jit[ccl]' for "
+            "mnemosyne-ccl's authenticated store and repairable communicators")
 
 
 def _resolve_resume(given: str, world: int) -> str:
@@ -256,7 +276,7 @@ def register_inject(sub: Any) -> None:
     p.add_argument("--rank", type=int, required=True)
     p.add_argument("--at-step", type=int, required=True, help="step index (0-based) at which the fault fires")
     p.add_argument("--kind", choices=["kill", "hang", "exception", "segfault"], required=True)
-    p.add_argument("--phase", choices=["forward", "allreduce", "optimizer", "recovery"], default="forward")
+    p.add_argument("--phase", choices=list(PHASES), default="forward")
     p.add_argument("--token", default=None,
                    help="the job's store token (default: read from the job's info file, owner-only)")
     p.set_defaults(func=_inject)
@@ -276,10 +296,48 @@ def register_demo(sub: Any) -> None:
     p.add_argument("--kill-rank", type=int, default=2, help="rank to fault (default 2)")
     p.add_argument("--kill-step", type=int, default=None, help="step of the fault (default: middle)")
     p.add_argument("--kind", choices=["kill", "hang", "exception", "segfault"], default="kill")
-    p.add_argument("--phase", choices=["forward", "allreduce", "optimizer"], default="allreduce")
+    p.add_argument("--phase", choices=[x for x in PHASES if x != "recovery"], default="allreduce")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the summary as JSON to FILE")
     p.add_argument("--workdir", default=None, help="folder for events and final states (default: a temp folder)")
     p.add_argument("--no-verify", action="store_true", help="skip the fault-free reference run")
     p.set_defaults(func=_demo)
 
 
+def _report(args: argparse.Namespace) -> int:
+    from mnemosyne.jit.report import load_events, one_line, table, write_html, write_png
+    from mnemosyne.jit.summary import incidents
+
+    events = load_events(args.event_log)
+    incs = incidents(events)
+    names = ", ".join(args.event_log)
+    if not incs:
+        print(f"no recovery in {names} ({len(events)} events)")
+    else:
+        print(f"{len(incs)} recover{'y' if len(incs) == 1 else 'ies'} in {names} (seconds):")
+        print(table(incs))
+        for i, inc in enumerate(incs, 1):
+            print(f"{i}: {one_line(inc)}")
+    for out in args.out or []:
+        suffix = os.path.splitext(out)[1].lower()
+        if suffix == ".png":
+            write_png(out, events, title=f"mnemo report: {names}")
+        elif suffix in (".html", ".htm"):
+            write_html(out, events, title=f"mnemo report: {names}")
+        else:
+            msg = f"mnemo report --out {out}: give a .png or .html file"
+            raise ConfigError(msg)
+        print(f"timeline written to {out}")
+    return 0
+
+
+def register_report(sub: Any) -> None:
+    """Add ``mnemo report``."""
+    p = sub.add_parser("report", help="table and timeline of a job's recoveries, from its event log",
+                       description="Read a job's JSON-lines event log (several: one per node), print each "
+                                   "recovery's phases (fault, detect, abort, replace, repair, transfer, resume, "
+                                   "total, steps redone) and optionally draw the timeline.")
+    p.add_argument("event_log", nargs="+", metavar="EVENT_LOG", help="the job's event log (mnemo-events/<job>.jsonl)")
+    p.add_argument("--out", action="append", metavar="FILE",
+                   help="write the timeline: FILE.html (self-contained, inline SVG) or FILE.png (needs matplotlib: "
+                        "pip install 'mnemosyne-jit[report]'); may be repeated")
+    p.set_defaults(func=_report)

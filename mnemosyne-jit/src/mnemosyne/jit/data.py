@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable, Iterator, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from typing import Any
 
 import torch
@@ -29,7 +29,7 @@ from torch.utils.data import Sampler
 from mnemosyne.core.env import MNEMOSYNE_RANK, MNEMOSYNE_WORLD_SIZE, env_int
 from mnemosyne.core.errors import ConfigError
 
-__all__ = ["DataCursor", "ResumableSampler", "assign_data_ranks", "loader_for_rank"]
+__all__ = ["DataCursor", "DataFeed", "ResumableSampler", "assign_data_ranks", "loader_for_rank"]
 
 
 class ResumableSampler(Sampler[int]):
@@ -194,3 +194,43 @@ def loader_for_rank(data: Any, rank: int) -> Any:
     if data.num_workers > 0:
         kwargs.update({k: getattr(data, k) for k in _WORKER_ARGS if hasattr(data, k)})
     return DataLoader(data.dataset, sampler=sampler, **kwargs)
+
+
+class DataFeed:
+    """The batches one member runs: its own rank's, and those of the missing ranks it hosts.
+
+    Args:
+        rank: This member's data rank.
+        data: Its loader.
+        data_for_rank: Returns the loader of data rank ``d`` (else derived from ``data``
+            by :func:`loader_for_rank`).
+    """
+
+    def __init__(self, rank: int, data: Iterable[Any], data_for_rank: Callable[[int], Iterable[Any]] | None) -> None:
+        self.data = data
+        self.data_for_rank = data_for_rank
+        self.cursors = {rank: DataCursor(data)}
+        self.loaders: dict[int, Iterable[Any]] = {}
+
+    def loader(self, d: int) -> Iterable[Any]:
+        """The loader of data rank ``d``.
+
+        Raises:
+            ConfigError: It can be neither derived from ``data`` nor obtained from ``data_for_rank``.
+        """
+        if d in self.loaders:
+            return self.loaders[d]
+        loader = self.data_for_rank(d) if self.data_for_rank is not None else loader_for_rank(self.data, d)
+        if loader is None:
+            msg = (f"Job.steps(): this member must run data rank {d}'s batches (the job continues without "
+                   "that rank), but no loader for it is known: pass a DataLoader over a ResumableSampler, "
+                   "or data_for_rank=lambda d: <the loader of data rank d>")
+            raise ConfigError(msg)
+        self.loaders[d] = loader
+        return loader
+
+    def batch(self, d: int, step: int) -> Any:
+        """Data rank ``d``'s batch of ``step``."""
+        if d not in self.cursors:
+            self.cursors[d] = DataCursor(self.loader(d))
+        return self.cursors[d].batch(step)

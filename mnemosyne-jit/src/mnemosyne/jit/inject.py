@@ -8,7 +8,9 @@ picked up by each trainer's watchdog). Format, several plans separated by ``;``:
 
 Kinds: ``kill`` (SIGKILL self), ``hang`` (SIGSTOP self), ``exception`` (raise
 :class:`InjectedFault`), ``segfault`` (read address 0). Phases: ``forward`` (start of
-the step body), ``allreduce`` (inside the gradient reduction), ``optimizer`` (right
+the step body), ``backward`` (inside backward, right after the first gradient bucket's
+all-reduce was launched: reductions are in flight), ``allreduce`` (at the wait for the
+gradient reductions, before the optimizer update), ``optimizer`` (right
 after the optimizer update, before the commit), ``recovery`` (inside a recovery that
 resumes at ``step``, when the state transfer starts).
 
@@ -36,7 +38,7 @@ __all__ = ["PHASES", "FaultPlan", "InjectedFault", "Injector", "parse_plans"]
 logger = logging.getLogger(__name__)
 
 #: Where a fault can fire.
-PHASES = ("forward", "allreduce", "optimizer", "recovery")
+PHASES = ("forward", "backward", "allreduce", "optimizer", "recovery")
 
 
 class InjectedFault(MnemosyneError, RuntimeError):

@@ -12,10 +12,16 @@ Usage (launched with ``mnemo launch``)::
     job.close()
 
 What happens underneath, per step ``k``: the batch of step ``k`` is fetched, the RNGs are
-set to the state derived from (seed, rank, k), the body runs; ``optimizer.step()`` first
-averages gradients over fixed flat buckets (a deterministic layout, see
-:mod:`mnemosyne.jit._gradsync`), then updates; leaving the ``with`` block commits step
-``k`` (a counter; the watchdog thread turns it into a heartbeat).
+set to the state derived from (seed, rank, k), the body runs; during backward each
+fixed flat bucket of gradients (a deterministic layout, see
+:mod:`mnemosyne.jit._gradsync`) is all-reduced asynchronously as soon as its last
+gradient is accumulated; ``optimizer.step()`` first waits for them (the average is then
+in ``.grad``, a view into its bucket), then updates; leaving the ``with`` block commits
+step ``k`` (a counter; the watchdog thread turns it into a heartbeat).
+
+Gradient accumulation: a step that runs several backward passes iterates
+``step.micro_batches()`` or wraps every backward but the last in ``with job.no_sync():``
+(as with DDP); only the last one launches reductions.
 
 When a peer fails, the agent publishes a new membership epoch; the watchdog aborts the
 communicator; the blocked collective raises inside the ``with`` block, which swallows
@@ -38,25 +44,21 @@ full job.
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
-import importlib.util
 import json
 import logging
 import os
 import random
-import shutil
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
 
+from mnemosyne.core.comm import CommBackend, Communicator
 from mnemosyne.core.env import (
     MNEMOSYNE_EPOCH,
     MNEMOSYNE_EVENT_LOG,
@@ -64,6 +66,8 @@ from mnemosyne.core.env import (
     MNEMOSYNE_JOB_ID,
     MNEMOSYNE_PROXY_SOCKET,
     MNEMOSYNE_RANK,
+    MNEMOSYNE_RESUME,
+    MNEMOSYNE_SHRINK,
     MNEMOSYNE_STORE_ADDR,
     MNEMOSYNE_TOKEN,
     MNEMOSYNE_WORLD_SIZE,
@@ -71,42 +75,28 @@ from mnemosyne.core.env import (
     env_str,
 )
 from mnemosyne.core.errors import CommError, ConfigError, MnemosyneError, RecoveryError
-from mnemosyne.core.events import EventKind, EventLog, phase
+from mnemosyne.core.events import EventKind, EventLog
 from mnemosyne.core.log import ContextAdapter
-from mnemosyne.core.membership import Membership
 from mnemosyne.core.state import Stateful
 from mnemosyne.jit import _keys
-from mnemosyne.jit._comm import TorchBackend
+from mnemosyne.jit._epochs import EpochWatch
 from mnemosyne.jit._gradsync import DEFAULT_BUCKET_BYTES, GradSync
-from mnemosyne.jit._recovery import NO_STATE, agree, transfer, wait_key
-from mnemosyne.jit._select import backend_label, use_ccl
+from mnemosyne.jit._protocol import EXIT_CKPT, EXIT_EXCEPTION, read_record
+from mnemosyne.jit._recover import finish, recover, resume_from
+from mnemosyne.jit._recovery import NO_STATE
+from mnemosyne.jit._select import backend_label, comm_backend
 from mnemosyne.jit._state import flatten
 from mnemosyne.jit._step import Step, _rng_seed
 from mnemosyne.jit._store import connect_job_store
 from mnemosyne.jit._watchdog import Watchdog
-from mnemosyne.jit.agent import MNEMOSYNE_SHRINK
-from mnemosyne.jit.data import DataCursor, assign_data_ranks, loader_for_rank
-from mnemosyne.jit.inject import InjectedFault, Injector, parse_plans
+from mnemosyne.jit.data import DataFeed
+from mnemosyne.jit.inject import Injector, parse_plans
 
-__all__ = ["EXIT_CKPT", "EXIT_EXCEPTION", "MNEMOSYNE_RESUME", "Job", "Step", "init", "joining"]
+__all__ = ["EXIT_CKPT", "EXIT_EXCEPTION", "Job", "Step", "init", "joining"]
 
 logger = logging.getLogger(__name__)
 
-#: Exit code of a trainer that died of an exception in a step (after reporting it).
-EXIT_EXCEPTION = 17
-#: Exit code of a trainer that found itself replaced (no longer a member).
-EXIT_REPLACED = 18
-#: Exit code of a healthy trainer that took part in a just-in-time checkpoint on the
-#: agent's order (whether or not it wrote a part of it).
-EXIT_CKPT = 19
-#: Exit code of a trainer whose part of an ordered checkpoint failed.
-EXIT_CKPT_FAILED = 20
-#: Checkpoint every rank loads before its first step (set by ``mnemo launch --resume``).
-MNEMOSYNE_RESUME = "MNEMOSYNE_RESUME"
 
-# How long a rank that saw a communicator error waits for the agent's new epoch before
-# asking for a rebuild of the same members (an error no process death explains).
-_REBUILD_GRACE = 10.0
 
 
 class Job:
@@ -162,35 +152,22 @@ class Job:
         self.logger = ContextAdapter(logger, job_id, rank, start_epoch)
         first = next(iter(model.parameters()), None)
         self.device = first.device if first is not None else torch.device("cpu")
-        transport = "nccl" if self.device.type == "cuda" else "gloo"
-        self._ccl = use_ccl()
-        if self._ccl and transport == "nccl" and importlib.util.find_spec("nccl") is None:
-            # ccl's NCCL backend needs nccl4py; torch's own NCCL group still works (on
-            # ccl's authenticated store), rebuilt by every member per epoch.
-            self.logger.warning("mnemosyne-ccl's NCCL backend needs nccl4py (pip install "
-                                "'mnemosyne-ccl[nccl]'); using torch's ProcessGroupNCCL instead")
-            self._ccl = False
-        if self._ccl:
-            from mnemosyne.ccl import backend
-
-            self._backend: Any = backend(transport)
-        else:
-            self._backend = TorchBackend(transport)
+        self._backend: CommBackend
+        self._ccl, self._backend = comm_backend(self.device.type, self.logger)
         #: ``ccl-gloo``, ``torch-gloo``, ... (recorded in the events).
         self.backend_name = backend_label(self._ccl, self.device.type)
         self.logger.info("communicator: %s", self.backend_name)
-        self._member = Membership.from_json(self.store.get(_keys.membership(start_epoch), timeout)).members.get(rank)
+        #: The epoch record of ``self.epoch`` (read once per epoch).
+        self._record = read_record(self.store, start_epoch, timeout)
+        self._member = self._record.membership.members.get(rank)
         self.epoch = start_epoch
         self.committed = NO_STATE
         self.next_step = 0
         self.recoveries = 0
-        self._comm: Any = None
-        self._comm_for = -1  # membership epoch the current communicator was built for
         self._gradsync: GradSync | None = None
-        self._elock = threading.Lock()
-        self._known_epoch = start_epoch
-        self._notice: float | None = None
-        self._interrupt = threading.Event()
+        #: Epochs seen by the watchdog, the current communicator, the recovery interrupt.
+        self._watch = EpochWatch(start_epoch, self.logger)
+        self._interrupt = self._watch.interrupt
         self._pos: dict[str, Any] = {"step": 0, "phase": "init", "coll": True, "committed": NO_STATE,
                                      "epoch": start_epoch}
         self._synced = -1
@@ -221,15 +198,35 @@ class Job:
         self.injector.add(parse_plans(env_str(MNEMOSYNE_INJECT, "") or ""))
         self._hooks = [optimizer.register_step_pre_hook(self._pre_step),
                        optimizer.register_step_post_hook(self._post_step)]
-        self.watchdog = Watchdog(connect_job_store(addr, job_id, token), rank, start_epoch, self._on_epoch,
+        self.watchdog = Watchdog(connect_job_store(addr, job_id, token), rank, start_epoch, self._watch.on_epoch,
                                  self._position, self.injector)
         self.watchdog.start()
         self.log.emit(EventKind.INFO, "trainer_start", member=self._member, start_epoch=start_epoch,
                       backend=self.backend_name, **(self.proxy.describe() if self.proxy is not None else {}))
         resume = env_str(MNEMOSYNE_RESUME)
         if resume and start_epoch == 0:
-            self._resume(resume)
+            resume_from(self, resume)
         self._recover(first=True)
+
+    @property
+    def _comm(self) -> Communicator | None:
+        """The current communicator (None while one is being built)."""
+        return self._watch.comm
+
+    @_comm.setter
+    def _comm(self, comm: Communicator | None) -> None:
+        self._watch.comm = comm
+
+    def _exit(self, code: int) -> NoReturn:
+        """The one way a trainer leaves early (exit codes: :mod:`mnemosyne.jit._protocol`).
+
+        ``os._exit``: no interpreter teardown, which could block on a communicator's
+        threads or a peer that is gone; the event log and the standard streams are flushed.
+        """
+        self.log.close()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
     # ----------------------------------------------------------------- steady state
     def _position(self) -> dict[str, Any]:
@@ -260,42 +257,21 @@ class Job:
                 and another rank's loader can be neither derived from ``data`` nor
                 obtained from ``data_for_rank``.
         """
-        cursors = {self.rank: DataCursor(data)}
-        loaders: dict[int, Iterable[Any]] = {}
-
-        def loader_of(d: int) -> Iterable[Any]:
-            if d in loaders:
-                return loaders[d]
-            loader = data_for_rank(d) if data_for_rank is not None else loader_for_rank(data, d)
-            if loader is None:
-                msg = (f"Job.steps(): this member must run data rank {d}'s batches (the job continues without "
-                       "that rank), but no loader for it is known: pass a DataLoader over a ResumableSampler, "
-                       "or data_for_rank=lambda d: <the loader of data rank d>")
-                raise ConfigError(msg)
-            loaders[d] = loader
-            return loader
-
-        def batch_of(k: int) -> Callable[[int], Any]:
-            def get(d: int) -> Any:
-                if d not in cursors:
-                    cursors[d] = DataCursor(loader_of(d))
-                return cursors[d].batch(k)
-            return get
-
+        feed = DataFeed(self.rank, data, data_for_rank)
         if self.shrink:
             # Fail at the start, not at the first failure, when a shrunk epoch could not run.
-            loader_of((self.rank + 1) % self.world_size)
+            feed.loader((self.rank + 1) % self.world_size)
         while True:
             if self._needs_recovery:
                 self._recover()
             k = self.next_step
             if k >= max_steps:
-                if self._finish():
+                if finish(self):
                     return
                 continue
-            batch = cursors[self.rank].batch(k)
+            batch = feed.batch(self.rank, k)
             self._seed_rngs(self.rank, k)
-            step = Step(self, k, batch, self.data_ranks, batch_of(k))
+            step = Step(self, k, batch, self.data_ranks, functools.partial(feed.batch, step=k))
             self._step_start = time.perf_counter()
             yield step
             if not step.entered:
@@ -323,6 +299,8 @@ class Job:
         self._started = k
         self._grads_were_none = all(p.grad is None for p in self.model.parameters())
         self._set_pos(k, "forward")
+        if self._gradsync is not None:
+            self._gradsync.begin()
         try:
             self.injector.maybe_fire(k, "forward")
         except Exception as exc:  # raised in __enter__, so __exit__ would not see it
@@ -341,22 +319,45 @@ class Job:
             msg = "gradient sync outside a step or before the job is ready"
             raise RecoveryError(msg)
         self._set_pos(k, "allreduce", coll=True)
-        fire_at = min(1, len(self._gradsync.buckets) - 1)
-
-        def between(i: int) -> None:
-            if i == fire_at:
-                self.injector.maybe_fire(k, "allreduce")
-
-        self._gradsync.sync(self._comm, between)
-        if self.device.type == "cuda":
-            # NCCL completes asynchronously: make sure the reduction really finished
-            # (or was aborted) before the optimizer reads the gradients.
-            torch.cuda.current_stream().synchronize()
-            if self._comm.aborted:
-                msg = f"communicator of epoch {self.epoch} aborted during the gradient reduction"
-                raise CommError(msg)
+        # Reductions launched during backward may still be in flight here.
+        self.injector.maybe_fire(k, "allreduce")
+        # One wait for every bucket (each wait returns once its reduction completed, on
+        # the device too, or raises if the communicator was aborted meanwhile).
+        self._gradsync.sync()
+        if self._comm.aborted:
+            msg = f"communicator of epoch {self.epoch} aborted during the gradient reduction"
+            raise CommError(msg)
         self._synced = k
         self._set_pos(k, "optimizer")
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Accumulate gradients without reducing them (as DDP's ``no_sync``).
+
+        Wrap every backward pass of a step but the last one; the last backward, outside
+        this block, launches the reductions of the accumulated gradients. Not needed with
+        ``step.micro_batches()``, which does the same.
+        """
+        gs = self._gradsync
+        if gs is not None:
+            gs.final = False
+        try:
+            yield
+        finally:
+            if gs is not None and self._gradsync is gs:
+                gs.final = True
+
+    def _final_backward(self, final: bool) -> None:
+        """``step.micro_batches()``: whether the coming backward is the step's last."""
+        if self._gradsync is not None:
+            self._gradsync.final = final
+
+    def _on_launch(self, i: int, in_backward: bool) -> None:
+        """A bucket's all-reduce was launched (from a gradient hook, or at the wait)."""
+        if i == 0 and in_backward:
+            # The first reduction is in flight and backward goes on.
+            self._set_pos(self._started, "backward")
+            self.injector.maybe_fire(self._started, "backward")
 
     def _pre_step(self, *_: Any) -> None:
         self.sync_gradients()
@@ -380,19 +381,6 @@ class Job:
             self.log.emit(EventKind.STEP, "step", dt, step=k, data_ranks=ran)
 
     # ----------------------------------------------------------------- failures
-    def _on_epoch(self, epoch: int) -> None:
-        """Watchdog thread: a newer epoch exists; abort the communicator now."""
-        with self._elock:
-            self._known_epoch = epoch
-            self._notice = time.perf_counter()
-            comm = self._comm
-            stale = comm is None or self._comm_for < epoch
-            if stale:
-                self._interrupt.set()
-        if comm is not None and stale:
-            comm.abort(f"membership epoch {epoch} published")
-        self.logger.info("membership epoch %d seen; communicator aborted", epoch)
-
     def _is_comm_failure(self, exc: BaseException) -> bool:
         if isinstance(exc, CommError):
             return True
@@ -406,6 +394,10 @@ class Job:
             # The optimizer already updated this replica in step k but the step did not
             # finish: its state is neither step k-1's nor a committed step k's.
             self._torn = True
+        if self._gradsync is not None:
+            # Reductions of this step may still be in flight: no gradient may stay a view
+            # of buffers that abandoned work can write (a new GradSync comes with the repair).
+            self._gradsync.close()
         for p in self.model.parameters():
             if p.grad is not None:
                 if self._grads_were_none:
@@ -426,33 +418,14 @@ class Job:
             self.log.emit(EventKind.DETECT, "exception", step=k, error=f"{type(exc).__name__}: {exc}"[:500])
         except MnemosyneError:
             pass  # the store is gone: the agent still sees the exit
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(EXIT_EXCEPTION)
+        self._exit(EXIT_EXCEPTION)
 
     # ----------------------------------------------------------------- recovery
     def _adopt(self, min_epoch: int) -> int:
         """Wait for an epoch >= ``min_epoch`` and make the newest one current."""
-        asked = False
-        deadline = time.monotonic() + _REBUILD_GRACE
-        while True:
-            with self._elock:
-                e = self._known_epoch
-                if e >= min_epoch:
-                    self.epoch = e
-                    self.log.epoch = e
-                    self.logger.epoch = e
-                    self._interrupt.clear()
-                    return e
-            if time.monotonic() > deadline:
-                if asked:
-                    msg = f"no membership epoch >= {min_epoch} was published after a communicator failure"
-                    raise RecoveryError(msg)
-                self.logger.warning("communicator failed with no membership change; asking for a rebuild")
-                self.store.add(_keys.REBUILD_REQUEST, 1)
-                asked = True
-                deadline = time.monotonic() + max(self.timeout, _REBUILD_GRACE)
-            time.sleep(0.002)
+        e = self._watch.adopt(min_epoch, self.store, self.timeout)
+        self.epoch = self.log.epoch = self.logger.epoch = e
+        return e
 
     def _state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"model": self.model.state_dict(), "optim": self.optimizer.state_dict()}
@@ -467,74 +440,6 @@ class Job:
         skel = flatten(self._state(), tensors)
         return skel, tensors, self.proxy.backed(tensors)
 
-    def _resume(self, path: str) -> None:
-        """Load the checkpoint ``path`` (verified first) and continue after its step.
-
-        Every rank loads it, so the first agreement finds every rank at the same step
-        and no state is transferred. A replacement process (start epoch > 0) does not
-        load it: it receives the current state from donors as usual.
-        """
-        from mnemosyne.jit import ckpt
-
-        with phase(self.log, "resume_load", path=path) as t:
-            state, manifest = ckpt.load(path, template=self._state())
-            if int(manifest["world_size"]) != self.world_size:
-                msg = (f"checkpoint {path} was taken by a job of {manifest['world_size']} ranks; this job has "
-                       f"{self.world_size} (resume with --nproc-per-node {manifest['world_size']})")
-                raise ConfigError(msg)
-            if self.proxy is not None:
-                self.proxy.store(int(manifest["step"]), lambda: self._load(state))
-            else:
-                self._load(state)
-            self.committed = int(manifest["step"])
-            self.next_step = self.committed + 1
-            t.fields.update(step=self.committed)
-        self.logger.info("resumed from %s at step %d", path, self.next_step)
-
-    def _checkpoint_and_exit(self, epoch: int, order: dict[str, Any]) -> None:
-        """The agent ordered a just-in-time checkpoint: agree, let the donors write it, exit.
-
-        Only the store is used (no communicator: a member is gone). The donors (ranks
-        holding the highest committed step) share the writing; the others just exit.
-        """
-        from torch.distributed.checkpoint.api import CheckpointException
-
-        from mnemosyne.jit import ckpt
-
-        ranks = [int(r) for r in order["ranks"]]
-        committed = NO_STATE if self._torn else self.committed
-        code = EXIT_CKPT
-        path = Path(order["dir"])
-        try:
-            with phase(self.log, "agree", ckpt=True) as t:
-                plan = agree(self.store, epoch, self.rank, ranks, committed, self._started, self._interrupt,
-                             self.timeout, reattached=self._reattached)
-                t.fields.update(top=plan.top, donors=plan.donors, receivers=plan.receivers)
-            if plan.top >= 0 and self.rank in plan.donors:
-                path = Path(order["dir"]) / ckpt.checkpoint_name(plan.top)
-                with phase(self.log, "ckpt", step=plan.top, path=str(path), writers=plan.donors) as t:
-                    ckpt.write(path, self._state(), step=plan.top, rank=self.rank, world_size=self.world_size,
-                               store=self.store.prefixed(f"jitckpt/e{epoch}"), writer_ranks=plan.donors,
-                               meta={"seed": self.seed, "epoch": epoch, "job": self.job_id},
-                               timeout=self.timeout)
-                    mine = path / f"shard-{self.rank:05d}"
-                    t.fields.update(bytes=sum(p.stat().st_size for p in mine.rglob("*") if p.is_file()))
-            elif plan.top < 0:
-                self.logger.warning("checkpoint ordered but no step was committed: nothing to write")
-        except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
-            code = EXIT_CKPT_FAILED
-            cause = _ckpt_failure_cause(exc, path)
-            self.logger.error("just-in-time checkpoint failed: %s", cause)
-            self.log.emit(EventKind.INFO, "ckpt_failed", path=str(path), cause=cause)
-            # A half-written staging directory would keep the disk full: never taken for good.
-            for leftover in path.parent.glob(f"{path.name}{ckpt.STAGING_MARK}*"):
-                shutil.rmtree(leftover, ignore_errors=True)
-        self.log.emit(EventKind.INFO, "trainer_ckpt_exit", committed=self.committed, code=code)
-        self.log.close()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-
     def _load(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optim"])
@@ -543,169 +448,8 @@ class Job:
         for name, obj in self.extra.items():
             obj.load_state_dict(state["extra"][name])
 
-    def _connect(self, epoch: int, ranks: list[int], first: bool) -> tuple[Any, str]:
-        """Build the communicator of membership ``epoch`` over logical ``ranks``; return it and how.
-
-        Fallback (plain torch.distributed): every member builds a fresh group over
-        ``ranks`` (torch's rank of a member: its index in the sorted list).
-
-        mnemosyne-ccl: the agent names the ccl epoch ``target`` for this membership epoch.
-        A survivor whose communicator is at ``target - 1`` repairs it in one step: with
-        the same logical ranks by ``rebuild()`` (Gloo's physical order stays sorted, so
-        reductions sum in the same order as before), with fewer by ``shrink(dead)`` (a
-        shrunk job), with more by ``grow(added)`` (a shrunk job growing back, the
-        newcomers ``join``). A replacement process joins ``target`` with ``backend.join``
-        once a survivor published the member list; a member whose communicator is older
-        (it missed an epoch while recovering), or whose members changed both ways,
-        creates ``target`` over ``ranks``, which agrees on the same member list. A newer
-        membership epoch aborts the build through the target's abort key (the agent's
-        ``signal_abort``).
-        """
-        old, self._comm = self._comm, None
-        size = len(ranks)
-        if not self._ccl:
-            if old is not None:
-                old.close()
-            comm = self._backend.create(self.store, self.rank, size, epoch=epoch, timeout=self.timeout,
-                                        interrupt=self._interrupt, ranks=ranks)
-            return comm, "create"
-        target = int(wait_key(self.store, _keys.comm_epoch(epoch), self._interrupt, self.timeout))
-        if old is not None and old.epoch == target - 1:
-            have, want = set(old.ranks), set(ranks)
-            if have == want:
-                return old.rebuild(), "rebuild"
-            if want < have:
-                return old.shrink(sorted(have - want)), "shrink"
-            if have < want:
-                return old.grow(sorted(want - have)), "grow"
-        if old is not None:
-            old.close()
-        if old is None and first and epoch > 0 and size > 1:
-            # A replacement: wait (interruptibly) until survivors published the members.
-            wait_key(self.store, f"ccl/world/e{target}/members", self._interrupt, self.timeout)
-            return self._backend.join(self.store, self.rank, epoch=target, timeout=self.timeout), "join"
-        return self._backend.create(self.store, self.rank, size, epoch=target, timeout=self.timeout,
-                                    ranks=ranks), "create"
-
     def _recover(self, first: bool = False) -> None:
-        t0 = time.perf_counter()
-        notice = self._notice
-        if not first:
-            self.recoveries += 1
-            abort_s = t0 - notice if notice is not None else 0.0
-            self.log.emit(EventKind.PHASE, "abort", abort_s, ok=True, step=self._started)
-        self._gradsync = None
-        min_epoch = self.epoch if first else self.epoch + 1
-        while True:
-            epoch = self._adopt(min_epoch)
-            members = Membership.from_json(self.store.get(_keys.membership(epoch), self.timeout))
-            if members.members.get(self.rank) != self._member:
-                self.logger.warning("replaced in epoch %d (holder now %s); exiting", epoch,
-                                    members.members.get(self.rank))
-                os._exit(EXIT_REPLACED)
-            ranks = list(members.ranks)
-            self._set_pos(self.next_step, "recovery", coll=True)
-            if self.store.check([_keys.ckpt_order(epoch)]):
-                self._checkpoint_and_exit(epoch, json.loads(self.store.get(_keys.ckpt_order(epoch), self.timeout)))
-            try:
-                with phase(self.log, "repair", first=first, backend=self.backend_name) as t:
-                    comm, how = self._connect(epoch, ranks, first)
-                    t.fields.update(how=how, comm_epoch=comm.epoch)
-                    with self._elock:
-                        self._comm = comm
-                        self._comm_for = epoch
-                        stale = self._known_epoch > epoch
-                    if stale:
-                        comm.abort("a newer epoch appeared while building")
-                committed = NO_STATE if self._torn else self.committed
-                with phase(self.log, "agree") as t:
-                    plan = agree(self.store, epoch, self.rank, ranks, committed, self._started,
-                                 self._interrupt, self.timeout, reattached=self._reattached)
-                    t.fields.update(top=plan.top, donors=plan.donors, receivers=plan.receivers,
-                                    partial=plan.partial)
-                try:
-                    self.injector.maybe_fire(plan.resume_step, "recovery")
-                except InjectedFault as exc:
-                    self._die_of_exception(self._started, exc)
-                with phase(self.log, "transfer", first=first) as t:
-                    info: dict[str, Any] = {}
-                    received, nbytes = transfer(self._comm, self.store, epoch, self.rank, plan, self.device,
-                                                self._state, self._interrupt, self.timeout,
-                                                local=self._local_state if self.proxy is not None else None,
-                                                report=info)
-                    t.fields.update(bytes=nbytes, donors=len(plan.donors), receivers=len(plan.receivers),
-                                    role=info["role"] if info["role"] != "none" else "donor")
-                    if self.proxy is not None:
-                        t.fields.update(kept_bytes=info["kept_bytes"], heavy_bytes=info["heavy_bytes"])
-                if received is not None:
-                    if self.proxy is not None:
-                        # Loading replaces the optimizer's state tensors: put the received
-                        # state back into the arena, committed as the agreed step.
-                        self.proxy.store(plan.top, functools.partial(self._load, received))
-                    else:
-                        self._load(received)
-                with phase(self.log, "resume", first=first):
-                    self._comm.barrier()
-            except Exception as exc:
-                # A recovery that another failure interrupts must start over at the next epoch,
-                # whatever the symptom (a peer's socket, a store wait, torch's RuntimeError):
-                # seen when a replacement's first transfer lost its donor before the agent had
-                # published the next epoch.
-                if self._interrupt.is_set() or self._known_epoch > epoch or self._newer_epoch(epoch):
-                    self.logger.info("recovery of epoch %d interrupted: %s", epoch, exc)
-                    min_epoch = epoch + 1
-                    continue
-                if isinstance(exc, CommError):
-                    min_epoch = epoch + 1  # a member died before the agent told us
-                    continue
-                raise
-            break
-        self.committed = plan.top
-        self.next_step = plan.resume_step
-        self._torn = False
-        self._reattached = False
-        self._synced = -1
-        self._applied = -1
-        self._needs_recovery = False
-        # Divide by the data-parallel world, not by the members present: while shrunk,
-        # hosts' gradients hold several ranks' micro-batches (identical to comm.size otherwise).
-        self._gradsync = GradSync(list(self.model.parameters()), self.bucket_bytes, world_size=self.world_size)
-        self.data_ranks = assign_data_ranks(self.world_size, ranks)[self.rank]
-        self.members = list(ranks)
-        self._set_pos(self.next_step, "boundary")
-        redone = max(0, self._started - plan.resume_step + 1) if self._started >= 0 else 0
-        self.log.emit(EventKind.RECOVERED, "start" if first else "recovered", time.perf_counter() - t0,
-                      resume_step=plan.resume_step, started=self._started, steps_redone=redone,
-                      members=ranks, data_ranks=self.data_ranks,
-                      role="receiver" if self.rank in plan.receivers else "donor",
-                      max_started=max(plan.started.values(), default=-1))
-        self._started = -1
-
-    def _newer_epoch(self, epoch: int, within: float = 5.0) -> bool:
-        """Whether the agent publishes an epoch after ``epoch`` within ``within`` seconds."""
-        try:
-            self.store.wait([_keys.membership(epoch + 1)], within)
-        except MnemosyneError:
-            return False
-        return True
-
-    def _finish(self) -> bool:
-        """Wait until every member of the current epoch finished; False if a recovery is needed first.
-
-        A shrunk job waits for the members present only; a grow epoch published while
-        waiting interrupts the wait, and the recovery hands the final state to the newcomer.
-        """
-        self._set_pos(self.next_step, "finish", coll=True)
-        self.store.set(_keys.done(self.rank), str(self.epoch).encode())
-        try:
-            members = Membership.from_json(self.store.get(_keys.membership(self.epoch), self.timeout))
-            for r in members.ranks:
-                wait_key(self.store, _keys.done(r), self._interrupt, 24 * 3600.0)
-        except CommError:
-            self._needs_recovery = True
-            self._started = -1
-            return False
-        return True
+        recover(self, first)  # the phases: mnemosyne.jit._recover
 
     def close(self) -> None:
         """Stop the watchdog and close the event log (call once, after the last step)."""
@@ -720,6 +464,9 @@ class Job:
             self.watchdog.beat()  # last heartbeat: the agent stops watching this rank for hangs
         for h in self._hooks:
             h.remove()
+        if self._gradsync is not None:
+            self._gradsync.close()
+            self._gradsync = None
         if self.proxy is not None:
             self.proxy.close()
         self.log.close()
@@ -748,33 +495,3 @@ def init(model: torch.nn.Module, optimizer: torch.optim.Optimizer, **kwargs: Any
     See :class:`Job` for the keyword arguments.
     """
     return Job(model, optimizer, **kwargs)
-
-
-def _ckpt_failure_cause(exc: BaseException, path: Path) -> str:
-    """Name why a checkpoint write failed: ``disk full at PATH`` when it was ENOSPC.
-
-    DCP wraps a writer's error (``CheckpointException.failures``), and torch's zip writer
-    reports a full disk as "unexpected pos" rather than ENOSPC: the free space of the
-    target's file system decides then.
-    """
-    seen: list[BaseException] = []
-    todo = [exc]
-    while todo and len(seen) < 50:
-        e = todo.pop()
-        if e in seen:
-            continue
-        seen.append(e)
-        todo += [c for c in (e.__cause__, e.__context__) if c is not None]
-        for f in (getattr(e, "failures", None) or {}).values():
-            todo += [f[0] if isinstance(f, tuple) else f] if isinstance(f, (tuple, BaseException)) else []
-    full = any(isinstance(e, OSError) and e.errno == errno.ENOSPC for e in seen)
-    if not full:
-        probe = path
-        while not probe.exists() and probe != probe.parent:
-            probe = probe.parent
-        with contextlib.suppress(OSError):
-            vfs = os.statvfs(probe)
-            full = vfs.f_bavail * vfs.f_frsize < (1 << 20)
-    if full:
-        return f"disk full at {path} (no space left on its file system; the partial checkpoint was removed)"
-    return f"{type(exc).__name__}: {exc}"

@@ -6,7 +6,10 @@ form one *incident*, from the first fault to the moment every rank resumed train
 
 Per incident, the critical path is cut into consecutive phases:
 
-* ``detect`` -- fault (injected-fault event) to the agent's detection;
+* ``detect`` -- fault to the agent's detection. The fault's moment is the fault event
+  (an injected fault, a trainer's own report) or, for a death nobody announced (an
+  external ``kill -9``, the OOM killer), the process's exit as timed by the agent
+  (``exited_at`` of the detect event);
 * ``replace`` -- new epoch published to the replacement process being ready (its
   runtime started: for a pre-warmed spare, only the user's model construction);
 * ``repair`` -- from then to the last rank's new communicator;
@@ -40,6 +43,14 @@ class Incident:
     resume_step: int = -1
     bytes_transferred: int = 0
     donors: int = 0
+    #: Wall-clock time of the first fault (``time.time()``); the phases follow it back to back.
+    start_ts: float = 0.0
+    #: How the fault's moment is known: ``"fault event"`` (injected, or a trainer's own
+    #: report), ``"exit"`` (the process's exit, timed by the agent), or ``"detection"``
+    #: (unknown: the detect phase then reads 0).
+    fault_time_from: str = "detection"
+    #: False while (or when) not every rank logged that it resumed: the log ends mid-recovery.
+    complete: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
@@ -85,7 +96,13 @@ def _incident(evs: list[Event], group: list[Event], last_epoch: Event) -> Incide
     inc = Incident()
     t_detect0 = group[0].ts
     faults = [e for e in evs if e.kind == EventKind.FAULT and t_detect0 - 60 < e.ts <= group[-1].ts]
-    t_fault = min([e.ts for e in faults] + [t_detect0])
+    # A death nobody announced (an external kill, an OOM kill) has no fault event: its
+    # moment is the process's exit, which the agent times apart from noticing it.
+    exits = [float(e.fields["exited_at"]) for e in group if e.fields.get("exited_at") is not None]
+    t_fault = min([e.ts for e in faults] + exits + [t_detect0])
+    inc.start_ts = t_fault
+    inc.fault_time_from = ("fault event" if faults and t_fault == min(e.ts for e in faults)
+                           else "exit" if exits else "detection")
     inc.faults = [{"rank": e.rank, "kind": e.name, "step": e.fields.get("step"), "phase": e.fields.get("phase")}
                   for e in faults]
     inc.detections = [{"rank": e.fields.get("target_rank"), "cause": e.name, "after_s": round(e.ts - t_fault, 4)}
@@ -96,6 +113,7 @@ def _incident(evs: list[Event], group: list[Event], last_epoch: Event) -> Incide
     e_last = last_epoch.epoch
     in_last = [e for e in evs if e.epoch == e_last and e.ts >= last_epoch.ts]
     t_resumed = _resumed_ts(evs, e_last) or last_epoch.ts
+    inc.complete = _resumed_ts(evs, e_last) is not None
     starts = [e.ts for e in in_last if e.kind == EventKind.INFO and e.name == "trainer_start"]
     t_ready = max(starts) if starts else last_epoch.ts
     ends = {name: max((e.ts for e in in_last if e.kind == EventKind.PHASE and e.name == name), default=None)

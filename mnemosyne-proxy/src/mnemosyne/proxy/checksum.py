@@ -3,7 +3,8 @@
 One definition, several implementations that give the same 64-bit value, so the two ends of
 a pull can compare sums whichever implementation each of them ran:
 
-* host memory: numba ``njit`` (:func:`checksum_bytes`), or numpy when numba cannot compile;
+* host memory: numba ``njit`` (:func:`checksum_bytes`), or numpy when numba is not
+  installed (it is the optional extra ``mnemosyne-proxy[numba]``) or cannot compile;
 * device memory: a numba-cuda kernel (:mod:`mnemosyne.proxy.arena.cuda`), or torch ops on the
   device (:func:`checksum_torch`) when numba-cuda cannot be imported or compiled (e.g. a
   numba-cuda release that does not support the installed numpy).
@@ -64,7 +65,7 @@ def _build_kernel() -> Any:
     m1, m2, golden = np.uint64(_M1), np.uint64(_M2), np.uint64(GOLDEN)
     s30, s27, s31 = np.uint64(30), np.uint64(27), np.uint64(31)
 
-    @numba.njit(cache=True, nogil=True)
+    @numba.njit(cache=True, nogil=True)  # type: ignore[untyped-decorator,unused-ignore]
     def words_sum(words: Any) -> Any:  # pragma: no cover - compiled
         total = np.uint64(0)
         for i in range(words.shape[0]):
@@ -102,7 +103,11 @@ def _words_sum(words: Any) -> int:
             return int(_kernel(words))
         except Exception as exc:
             _numba_error = f"{type(exc).__name__}: {exc}"[:300]
-            logger.warning("numba njit checksum unavailable, using numpy: %s", _numba_error)
+            if isinstance(exc, ModuleNotFoundError) and exc.name == "numba":  # an optional extra, not a fault
+                logger.info("numba not installed, host checksums use numpy (pip install "
+                            "'mnemosyne-proxy[numba]' for the faster njit path)")
+            else:
+                logger.warning("numba njit checksum unavailable, using numpy: %s", _numba_error)
     if _kernel is not None:
         return int(_kernel(words))
     return _words_sum_numpy(words)

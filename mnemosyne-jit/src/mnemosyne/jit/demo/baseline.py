@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 from mnemosyne.core.events import EventKind, EventLog, phase
 from mnemosyne.jit._step import _rng_seed
 from mnemosyne.jit.data import DataCursor, ResumableSampler
-from mnemosyne.jit.demo.train import build, parse_args
+from mnemosyne.jit.demo.train import autocast, build, parse_args, peak_memory
 
 __all__ = ["main"]
 
@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     extra.add_argument("--events", required=True)
     extra.add_argument("--kill-rank", type=int, default=-1)
     extra.add_argument("--kill-step", type=int, default=-1)
+    extra.add_argument("--no-ddp", action="store_true",
+                       help="each rank trains alone, no gradient communication (the 'plain' bench row)")
     known, rest = extra.parse_known_args(argv)
     args = parse_args(rest)
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     with phase(log, "build"):
         # Restarting from a checkpoint: skip the weight init, as Mnemosyne's replacements do.
         model, opt, sched, data = build(args, device, init_weights=latest is None)
-        ddp = DistributedDataParallel(model)
+        ddp = model if known.no_ddp else DistributedDataParallel(model)
     if latest is not None:
         with phase(log, "load", step=latest[0]):
             msd, osd = get_state_dict(model, opt)
@@ -99,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
             log.emit(EventKind.FAULT, "kill", injected=True, step=k, phase="forward")
             os.kill(os.getpid(), signal.SIGKILL)
         x, y = (t.to(device) for t in batch)
-        loss = ddp(x, y)
+        with autocast(args, device):
+            loss = ddp(x, y)
         loss.backward()
         opt.step()
         sched.step()
@@ -120,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
                 if rank == 0:
                     (path / ".done").touch()
     dist.barrier()
+    if args.memory_event:
+        log.emit(EventKind.INFO, "memory", peak_bytes=peak_memory(device), device=str(device))
     log.close()
     # No destroy_process_group(): it hung once in rank 0 on a loaded host after every rank
     # had finished; the process exits and the group goes with it.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -43,7 +44,7 @@ class _View:
         self.log = log
         self.lines: list[str] = []
         self._offset = 0
-        self.t0 = time.monotonic()
+        self.t0_wall: float | None = None  # time of the log's first event shown (the job's start)
 
     def _poll_log(self) -> None:
         if not self.log.exists():
@@ -72,7 +73,9 @@ class _View:
             else:
                 text = (f"[green]resumed[/green] at step {f.get('resume_step')} as {f.get('role')} "
                         f"({(ev.get('duration_s') or 0) * 1000:.0f} ms)")
-            self.lines.append(f"{time.monotonic() - self.t0:6.2f}s  {who:>7}  {text}")
+            if self.t0_wall is None:
+                self.t0_wall = float(ev["ts"])
+            self.lines.append(f"{float(ev['ts']) - self.t0_wall:6.2f}s  {who:>7}  {text}")
         self.lines = self.lines[-10:]
 
     def render(self, agent: Agent) -> Any:
@@ -86,12 +89,19 @@ class _View:
         for st in agent.ranks:
             pid = str(st.proc.pid) if st.proc is not None else "-"
             phase = "[green]done[/green]" if st.finished else st.phase
-            table.add_row(str(st.rank), pid, str(st.step), phase, str(max(st.committed, -1)),
+            last = self.steps - 1 if _finished_ok(st) else None  # heartbeats stop before the last steps
+            table.add_row(str(st.rank), pid, str(st.step if last is None else last), phase,
+                          str(max(st.committed, -1) if last is None else last),
                           str(st.replacements) if st.replacements else "")
-        done = min((st.committed + 1 for st in agent.ranks), default=0)
+        done = min((self.steps if _finished_ok(st) else st.committed + 1 for st in agent.ranks), default=0)
         bar = int(40 * max(0, done) / max(1, self.steps))
         progress = f"[bold]{'█' * bar}{'·' * (40 - bar)}[/bold] {max(0, done)}/{self.steps} steps"
         return Group(table, progress, *self.lines)
+
+
+def _finished_ok(st: Any) -> bool:
+    """The rank ran every step (its process exited 0 after training)."""
+    return bool(st.finished and st.returncode == 0)
 
 
 def _run_job(out: Path, nproc: int, steps: int, inject: str, title: str, console: Any) -> tuple[int, float]:
@@ -104,10 +114,16 @@ def _run_job(out: Path, nproc: int, steps: int, inject: str, title: str, console
                                *DEMO_MODEL], nproc=nproc, spares=1, event_log=str(log), env=env)
     view = _View(title, steps, log)
     t0 = time.perf_counter()
+    if not console.is_terminal:  # a pipe or a file: no live redraws, the final view once
+        agent = Agent(cfg)
+        rc = agent.run()
+        console.print(view.render(agent))
+        return rc, time.perf_counter() - t0
     with Live(console=console, refresh_per_second=8, transient=False) as live:
         agent = Agent(cfg, on_tick=lambda a: live.update(view.render(a)))
         rc = agent.run()
         live.update(view.render(agent))
+    console.print()
     return rc, time.perf_counter() - t0
 
 
@@ -115,20 +131,30 @@ def run_demo(args: argparse.Namespace) -> int:
     """Run the demo; return 0 when the faulted run healed and matches the reference bit for bit."""
     try:
         from rich.console import Console
-        from rich.table import Table
     except ImportError as exc:
         what = "rich (for the demo's view)"
         raise MissingDependencyError(what, "pip install mnemosyne-cli") from exc
 
     console = Console()
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="mnemo-demo-"))
+    try:
+        return _demo(args, console, work)
+    finally:
+        if not args.workdir:  # a folder of our own: nothing of it is left behind
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _demo(args: argparse.Namespace, console: Any, work: Path) -> int:
+    from rich.table import Table
+
     kill_step = args.kill_step if args.kill_step is not None else args.steps // 2
     plan = FaultPlan(args.kill_rank, kill_step, args.kind, args.phase)
     from mnemosyne.jit.demo.train import uses_gpus
 
     backend = "NCCL" if uses_gpus(args.nproc) else "Gloo, CPU"
     console.print(f"[bold]mnemo demo[/bold]: small GPT, {args.nproc} ranks ({backend}), {args.steps} steps; "
-                  f"fault: {plan.kind} rank {plan.rank} at step {plan.step} ({plan.phase}). Work dir: {work}")
+                  f"fault: {plan.kind} rank {plan.rank} at step {plan.step} ({plan.phase}). Work dir: {work}"
+                  + ("" if args.workdir else " (temporary; --workdir DIR keeps it, e.g. for mnemo report)"))
     faulted, reference = work / "faulted", work / "reference"
     rc, t_faulted = _run_job(faulted, args.nproc, args.steps, plan.to_text(), "faulted run (heals in place)",
                              console)
@@ -166,7 +192,8 @@ def run_demo(args: argparse.Namespace) -> int:
         for name, secs in inc["phases_s"].items():
             table.add_row(name, f"{secs * 1000:.1f} ms")
         table.add_row("[bold]fault to resumed training[/bold]", f"[bold]{inc['total_s'] * 1000:.1f} ms[/bold]")
-        table.add_row("state transferred", f"{inc['bytes_transferred'] / 1e6:.2f} MB from {inc['donors']} donors")
+        table.add_row("state transferred", f"{inc['bytes_transferred'] / 1e6:.2f} MB from {inc['donors']} "
+                      f"donor{'' if inc['donors'] == 1 else 's'}")
         table.add_row("resumed at step", str(inc["resume_step"]))
     table.add_row("steps redone", str(summary["steps_redone"]))
     table.add_row("communicator / store", f"{result['comm_backend']} / {result['store_kind']}")

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import mnemosyne.jit as mj
+from mnemosyne.core.env import MNEMOSYNE_LOCAL_RANK, MNEMOSYNE_RANK, MNEMOSYNE_WORLD_SIZE
 from mnemosyne.jit.demo.data import MarkovTokens
 from mnemosyne.jit.demo.model import GPT, GPTConfig
 
@@ -49,6 +50,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "replacement time to warm up in tests)")
     p.add_argument("--step-batch", action="store_true",
                    help="read step.batch instead of iterating step.micro_batches() (refused under --shrink)")
+    p.add_argument("--autocast", choices=["none", "bf16"], default="none",
+                   help="bf16: forward under torch.autocast on CUDA (benchmarks)")
+    p.add_argument("--fused-adam", action="store_true", help="AdamW(fused=True) on CUDA (benchmarks)")
+    p.add_argument("--sync-steps", action="store_true",
+                   help="torch.cuda.synchronize() at the end of every step, so that step events time the "
+                        "device's work (benchmarks; the DDP baseline always does)")
+    p.add_argument("--init-on-device", action="store_true",
+                   help="initialise the weights on the GPU (benchmarks: same on every rank, not the CPU init's values)")
+    p.add_argument("--memory-event", action="store_true",
+                   help="write a 'memory' event with this rank's peak memory at the end (benchmarks)")
     return p.parse_args(argv)
 
 
@@ -76,30 +87,52 @@ def build(args: argparse.Namespace, device: torch.device, *,
     """
     torch.manual_seed(args.seed)
     cfg = GPTConfig(vocab=args.vocab, block=args.block, layers=args.layers, heads=args.heads, dim=args.dim)
-    if init_weights:
+    if init_weights and getattr(args, "init_on_device", False) and device.type == "cuda":
+        with torch.device(device):  # benchmarks: seconds instead of a CPU init of 1e9 weights
+            model = GPT(cfg)
+    elif init_weights:
         model = GPT(cfg).to(device)
     else:
         with torch.device("meta"):
             model = GPT(cfg)
         model = model.to_empty(device=device)
         model.tie_weights()  # to_empty gives each parameter name its own tensor
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    fused = bool(getattr(args, "fused_adam", False)) and device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, fused=True if fused else None)
     warm = max(1, args.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
     data = MarkovTokens(args.samples, args.block, args.vocab, seed=1234)
     return model, opt, sched, data
 
 
+def autocast(args: argparse.Namespace, device: torch.device) -> Any:
+    """The forward's autocast context (``--autocast``), a no-op context by default."""
+    import contextlib
+
+    if args.autocast == "bf16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def peak_memory(device: torch.device) -> int:
+    """This process's peak memory in bytes: CUDA allocations on a GPU, else the peak RSS."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
 def main(argv: list[str] | None = None) -> None:
     """Train; write the final state when ``--out`` is given."""
     args = parse_args(argv)
-    rank = int(os.environ.get("MNEMOSYNE_RANK", "0"))
+    rank = int(os.environ.get(MNEMOSYNE_RANK, "0"))
     out = Path(args.out) if args.out else None
     if out is not None:
         (out / "started").mkdir(parents=True, exist_ok=True)
         (out / "started" / f"rank{rank}.{os.getpid()}").touch()
-    device = pick_device(int(os.environ.get("MNEMOSYNE_WORLD_SIZE", "1")),
-                         int(os.environ.get("MNEMOSYNE_LOCAL_RANK", "0")))
+    device = pick_device(int(os.environ.get(MNEMOSYNE_WORLD_SIZE, "1")),
+                         int(os.environ.get(MNEMOSYNE_LOCAL_RANK, "0")))
     # A replacement receives its whole state inside mj.init: no need to initialize it.
     model, opt, sched, data = build(args, device, init_weights=not mj.joining())
 
@@ -115,15 +148,22 @@ def main(argv: list[str] | None = None) -> None:
             batches = [step.batch] if args.step_batch else step.micro_batches()
             for batch in batches:
                 x, y = (t.to(device) for t in batch)
-                loss = model(x, y)
+                with autocast(args, device):
+                    loss = model(x, y)
                 loss.backward()
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
+            if args.sync_steps and device.type == "cuda":
+                torch.cuda.synchronize(device)
             if args.step_sleep:
                 time.sleep(args.step_sleep)
             if args.shrunk_step_sleep and len(job.members) < job.world_size:
                 time.sleep(args.shrunk_step_sleep)
+    if args.memory_event:
+        from mnemosyne.core.events import EventKind
+
+        job.log.emit(EventKind.INFO, "memory", peak_bytes=peak_memory(device), device=str(device))
     if out is not None:
         final = {"model": model.state_dict(), "optim": opt.state_dict(), "sched": sched.state_dict(),
                  "pid": os.getpid(), "committed": job.committed, "recoveries": job.recoveries}

@@ -4,12 +4,14 @@ Run as ``python -m mnemosyne.jit.testing.ckpt_worker --addr A --job J --token T 
 --world W --dir D``: it rebuilds the deterministic :func:`demo_state` (every rank the same,
 as data-parallel replicas are) and calls :func:`mnemosyne.jit.ckpt.write` through a
 mnemosyne-ccl store client. ``--stall PHASE`` makes it touch ``--signal FILE`` and sleep
-when :func:`~mnemosyne.jit.ckpt.write` reports that phase, so a test can SIGKILL it there.
+when :func:`~mnemosyne.jit.ckpt.write` reports that phase, so a test can SIGKILL it there;
+``--fail PHASE`` makes it raise ``OSError(ENOSPC)`` there instead (a full disk).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import time
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step", type=int, default=3)
     p.add_argument("--stall", default="")
     p.add_argument("--signal", default="")
+    p.add_argument("--fail", default="")
     p.add_argument("--timeout", type=float, default=60.0)
     args = p.parse_args(argv)
     store = StoreClient(args.addr, args.job, args.token, timeout=args.timeout)
@@ -60,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         if phase == args.stall:
             Path(args.signal).touch()
             time.sleep(3600)  # the test kills us here
+        if phase == args.fail:
+            raise OSError(errno.ENOSPC, f"No space left on device (injected at {phase})")
 
     state = demo_state(steps=args.step)
     ckpt.write(Path(args.dir) / ckpt.checkpoint_name(args.step), state, step=args.step, rank=args.rank,

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from mnemosyne.core.env import MNEMOSYNE_TOKEN
 from mnemosyne.proxy.errors import ProxyUnavailableError
 
 __all__ = ["ProxyProcess"]
@@ -42,7 +43,7 @@ class ProxyProcess:
             addr_file = self.state_dir / "peer.addr"
             if addr_file.exists():
                 addr_file.unlink()
-        env = {**os.environ, "MNEMOSYNE_TOKEN": token, **(extra_env or {})}
+        env = {**os.environ, MNEMOSYNE_TOKEN: token, **(extra_env or {})}
         self.log_path = self.state_dir.parent / f"{self.state_dir.name}.proxy.out"
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)

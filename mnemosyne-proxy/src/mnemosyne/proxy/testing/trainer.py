@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mnemosyne.core.env import MNEMOSYNE_INJECT, env_str
+from mnemosyne.core.env import MNEMOSYNE_INJECT, MNEMOSYNE_TEST_MARK, env_str
 from mnemosyne.core.state import CommitStatus
 from mnemosyne.proxy.errors import ProxyUnavailableError
 
@@ -70,7 +70,7 @@ def _fault(plan: dict[str, str], step: int, phase: str) -> None:
     if kind == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     elif kind == "hang":
-        mark = Path(os.environ["MNEMOSYNE_TEST_MARK"])
+        mark = Path(os.environ[MNEMOSYNE_TEST_MARK])
         mark.write_text(f"{step} {phase}\n")
         go = mark.with_name(mark.name + ".go")
         deadline = time.monotonic() + 60

@@ -12,17 +12,24 @@ import os
 from mnemosyne.core.errors import ConfigError
 
 __all__ = [
+    "MNEMOSYNE_DOCTOR_PROBE_NCCL",
     "MNEMOSYNE_EPOCH",
     "MNEMOSYNE_EVENT_LOG",
     "MNEMOSYNE_HANG_TIMEOUT",
     "MNEMOSYNE_INJECT",
+    "MNEMOSYNE_JIT_BACKEND",
     "MNEMOSYNE_JOB_ID",
     "MNEMOSYNE_LOCAL_RANK",
     "MNEMOSYNE_LOG_LEVEL",
+    "MNEMOSYNE_NCCL_CACHE",
+    "MNEMOSYNE_NCCL_NATIVE",
     "MNEMOSYNE_PROXY_SOCKET",
     "MNEMOSYNE_RANK",
+    "MNEMOSYNE_RESUME",
+    "MNEMOSYNE_SHRINK",
     "MNEMOSYNE_SPARE",
     "MNEMOSYNE_STORE_ADDR",
+    "MNEMOSYNE_TEST_MARK",
     "MNEMOSYNE_TOKEN",
     "MNEMOSYNE_WORLD_SIZE",
     "env_float",
@@ -58,6 +65,27 @@ MNEMOSYNE_HANG_TIMEOUT = "MNEMOSYNE_HANG_TIMEOUT"
 MNEMOSYNE_SPARE = "MNEMOSYNE_SPARE"
 # Log level for the CLI and spawned processes (DEBUG, INFO, ...).
 MNEMOSYNE_LOG_LEVEL = "MNEMOSYNE_LOG_LEVEL"
+# Set to "1" in every trainer of a job launched with ``mnemo launch --shrink``: the runtime
+# then requires ``step.micro_batches()`` (a survivor may run a missing replica's batch too).
+MNEMOSYNE_SHRINK = "MNEMOSYNE_SHRINK"
+# Checkpoint directory every rank loads before its first step (``mnemo launch --resume``).
+MNEMOSYNE_RESUME = "MNEMOSYNE_RESUME"
+# ``torch`` forces mnemosyne-jit's plain torch.distributed path even when mnemosyne-ccl is
+# installed, ``ccl`` requires mnemosyne-ccl, unset picks by import. Exists so that tests
+# and benchmarks can run the fallback where every package is installed, and so that a
+# launcher's children make the launcher's choice whatever they can import.
+MNEMOSYNE_JIT_BACKEND = "MNEMOSYNE_JIT_BACKEND"
+# Folder where mnemosyne-ccl keeps NCCL's topology and graph dumps, reused by every rebuild
+# on this host (default: a per-user temp folder).
+MNEMOSYNE_NCCL_CACHE = "MNEMOSYNE_NCCL_CACHE"
+# "1" turns on ncclCommShrink/ncclCommGrow through nccl4py in mnemosyne-ccl (default off:
+# nccl4py releases that do not return the child communicator need a fresh init instead).
+MNEMOSYNE_NCCL_NATIVE = "MNEMOSYNE_NCCL_NATIVE"
+# Set (any value) to make ``mnemo doctor`` load libnccl even on a machine without GPUs.
+MNEMOSYNE_DOCTOR_PROBE_NCCL = "MNEMOSYNE_DOCTOR_PROBE_NCCL"
+# File through which mnemosyne-proxy's test trainer tells its test that it reached an
+# injected hang (a test hook, never set in production).
+MNEMOSYNE_TEST_MARK = "MNEMOSYNE_TEST_MARK"
 
 
 def env_str(name: str, default: str | None = None) -> str | None:

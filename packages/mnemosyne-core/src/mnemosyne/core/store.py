@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
-from mnemosyne.core.errors import ConfigError, StoreTimeout
+from mnemosyne.core.errors import CommAborted, ConfigError, MnemosyneError, StoreTimeout
 
-__all__ = ["DictStore", "PrefixStore", "Store"]
+__all__ = ["DictStore", "PrefixStore", "Store", "wait_key", "wait_until"]
 
 
 @runtime_checkable
@@ -180,3 +180,57 @@ class DictStore:
     def prefixed(self, prefix: str) -> Store:
         """See :meth:`Store.prefixed`."""
         return PrefixStore(prefix, self)
+
+
+def wait_until(done: Callable[[], bool], interrupt: threading.Event | None, timeout: float, what: str, *,
+               late: Callable[[], str] | None = None, error: type[MnemosyneError] = StoreTimeout,
+               pause: float = 0.0005, max_pause: float = 0.01) -> None:
+    """Poll ``done`` until it is true, in short slices so that ``interrupt`` ends the wait at once.
+
+    The one interruptible wait of recovery code: a trainer's waits on its peers (store keys,
+    rendezvous counters, a group being built) all go through it, so that a newer
+    membership epoch (``interrupt``, set by the watchdog) stops every one of them.
+
+    Args:
+        done: The condition.
+        interrupt: Ends the wait when set (None: only the timeout does).
+        timeout: Seconds.
+        what: What is awaited, for the messages.
+        late: Says, at the timeout, what is missing (default: "not done within T s").
+        error: Class raised at the timeout.
+        pause: First pause between polls (0: do not sleep; ``done`` blocks by itself).
+        max_pause: Pauses double up to this.
+
+    Raises:
+        CommAborted: ``interrupt`` was set (a newer epoch exists).
+        MnemosyneError: ``error``, after ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while not done():
+        if interrupt is not None and interrupt.is_set():
+            msg = f"{what} interrupted by a newer epoch"
+            raise CommAborted(msg)
+        if time.monotonic() > deadline:
+            msg = f"{what}: {late() if late is not None else f'not done within {timeout} s'}"
+            raise error(msg)
+        if pause:
+            time.sleep(pause)
+            pause = min(pause * 2, max_pause)
+
+
+def wait_key(store: Store, key: str, interrupt: threading.Event | None, timeout: float, *,
+             error: type[MnemosyneError] = StoreTimeout) -> bytes:
+    """Get ``key`` once it is set, through :func:`wait_until` (interruptible).
+
+    Raises:
+        CommAborted: ``interrupt`` was set.
+        MnemosyneError: ``error``, when the key did not appear within ``timeout`` seconds
+            (or vanished between the check and the read).
+    """
+    wait_until(lambda: store.check([key]), interrupt, timeout, f"waiting for {key!r}",
+               late=lambda: f"store key {key!r} did not appear within {timeout} s", error=error)
+    try:
+        return store.get(key, 5.0)
+    except StoreTimeout as exc:  # deleted between check and get: treat as missing
+        msg = f"store key {key!r} vanished"
+        raise error(msg) from exc
