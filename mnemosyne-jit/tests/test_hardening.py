@@ -121,6 +121,7 @@ def test_event_log_is_owner_only_and_a_bad_path_is_a_config_error(tmp_path):
     ([], {"MNEMOSYNE_HANG_TIMEOUT": "-5"}, "MNEMOSYNE_HANG_TIMEOUT=-5: must be > 0"),
     (["--max-restarts", "-1"], {}, "--max-restarts must be >= 0"),
     (["--node-timeout", "-2"], {}, "--node-timeout must be > 0"),
+    (["--stopped-timeout", "0"], {}, "--stopped-timeout must be > 0"),
     (["--inject", "rank=99,step=1,kind=kill"], {}, "rank 99 is not in this job"),
     (["--master", "127.0.0.1:99999"], {}, "port 99999 is outside 0..65535"),
     (["--job-id", "../.."], {}, "--job-id '../..': expected"),

@@ -75,6 +75,9 @@ class AgentConfig:
         hang_timeout: Fixed hang timeout in seconds (None: learned, see module doc).
         hang_floor: Smallest learned progress timeout, seconds.
         liveness_timeout: Seconds without any heartbeat before a process counts as frozen.
+        stopped_timeout: Seconds a trainer may stay stopped (``T`` in ``/proc/<pid>/stat``:
+            SIGSTOP, a debugger) before it counts as frozen; the agent reads its own node's
+            process table, so CPU load cannot fake it (``--stopped-timeout``).
         startup_timeout: Seconds a trainer may take to send its first heartbeat (and an
             agent to connect, for the coordinator).
         max_restarts: Replacements allowed before the job is given up.
@@ -109,6 +112,7 @@ class AgentConfig:
     hang_timeout: float | None = None
     hang_floor: float = 5.0
     liveness_timeout: float = 5.0
+    stopped_timeout: float = 0.5
     startup_timeout: float = 300.0
     max_restarts: int = 10
     event_log: str | None = None
@@ -198,6 +202,8 @@ def _check_values(config: AgentConfig) -> list[str]:
         problems.append(f"--max-restarts must be >= 0, got {config.max_restarts}")
     if not config.node_timeout > 0:
         problems.append(f"--node-timeout must be > 0 seconds, got {config.node_timeout:g}")
+    if not config.stopped_timeout > 0:
+        problems.append(f"--stopped-timeout must be > 0 seconds, got {config.stopped_timeout:g}")
     for name in ("hang_floor", "liveness_timeout", "startup_timeout", "poll"):
         value = getattr(config, name)
         if not value > 0:

@@ -2,10 +2,14 @@
 
 * :func:`classify_exit`: the cause of a non-zero exit, from the trainer's own report in the
   store (an exception) or the signal (kill, segfault);
-* :class:`HangWatch`: from heartbeats, a process whose watchdog stopped beating for the
-  liveness timeout (frozen, e.g. SIGSTOP), or whose main thread made no progress outside a
-  collective for the progress timeout (learned from step times, with a floor, or the
-  user's ``--hang-timeout``), is killed with SIGKILL; its exit is then handled as any exit.
+* :class:`HangWatch`: a process found stopped in the node's process table (state ``T``:
+  SIGSTOP, a debugger) for the stopped timeout (0.5 s by default), a process whose watchdog
+  stopped beating for the liveness timeout (frozen in some other way, e.g. its interpreter
+  wedged), or whose main thread made no progress outside a collective for the progress
+  timeout (learned from step times, with a floor, or the user's ``--hang-timeout``), is
+  killed with SIGKILL; its exit is then handled as any exit. The process state is read
+  from ``/proc`` (the agent runs on the trainers' node): load slows a process but never
+  stops it, so this check has no false alarms and needs no margin for slow heartbeats.
 """
 
 from __future__ import annotations
@@ -24,7 +28,19 @@ from mnemosyne.jit._agent_config import AgentConfig
 from mnemosyne.jit._exits import EXIT_CLOCK
 from mnemosyne.jit._spawn import RankStatus
 
-__all__ = ["HangWatch", "classify_exit"]
+__all__ = ["HangWatch", "classify_exit", "is_stopped"]
+
+
+def is_stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped (``T``/``t`` in ``/proc/<pid>/stat``); False if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False  # gone, or no /proc: the exit or the heartbeat check covers it
+    # "pid (comm) S ...": comm may hold spaces and parentheses; the state follows the last ')'.
+    state = stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3]
+    return state in (b"T", b"t")
 
 
 def classify_exit(store: Store, st: RankStatus, rc: int) -> tuple[str, dict[str, Any]]:
@@ -74,6 +90,8 @@ class HangWatch:
         self.emit = emit
         #: Observed seconds per step (the learned progress timeout's input).
         self.step_times: list[float] = []
+        #: pid -> when it was first found stopped (state T), while it stays stopped.
+        self.stopped_since: dict[int, float] = {}
 
     def progress_timeout(self) -> float:
         """Seconds without progress outside a collective before a rank counts as hung."""
@@ -90,6 +108,14 @@ class HangWatch:
         for st in ranks:
             if st.finished or st.proc is None or st.proc.poll() is not None or st.hung:
                 continue
+            pid = st.proc.pid
+            if is_stopped(pid):
+                since = self.stopped_since.setdefault(pid, now)
+                if now - since > self.config.stopped_timeout:
+                    self._kill_hung(st, f"process stopped (state T) for {now - since:.2f} s (frozen)")
+                    continue
+            else:
+                self.stopped_since.pop(pid, None)
             key = _keys.heartbeat(st.rank)
             hb = json.loads(self.store.get(key)) if self.store.check([key]) else None
             if hb is None or hb.get("pid") != st.proc.pid:
@@ -119,6 +145,7 @@ class HangWatch:
     def _kill_hung(self, st: RankStatus, why: str) -> None:
         assert st.proc is not None
         st.hung = why
+        self.stopped_since.pop(st.proc.pid, None)
         self.emit(EventKind.INFO, "hang_suspected", target_rank=st.rank, pid=st.proc.pid, why=why)
         with contextlib.suppress(ProcessLookupError):
             os.kill(st.proc.pid, signal.SIGKILL)

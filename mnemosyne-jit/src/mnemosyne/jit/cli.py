@@ -41,6 +41,7 @@ def _launch(args: argparse.Namespace) -> int:
     resume = _resolve_resume(args.resume, world) if args.resume else None
     token = read_token_file(args.token_file) if args.token_file else None
     cfg = AgentConfig(command=command, nproc=args.nproc_per_node, spares=args.spares, hang_timeout=args.hang_timeout,
+                      stopped_timeout=args.stopped_timeout,
                       max_restarts=args.max_restarts, event_log=args.event_log, job_id=args.job_id, host=args.host,
                       env=env, no_replace=args.no_replace, ckpt_dir=args.ckpt_dir, resume=resume,
                       shrink=args.shrink, nnodes=args.nnodes, node_rank=args.node_rank, master=args.master,
@@ -187,6 +188,9 @@ def register_launch(sub: Any) -> None:
     p.add_argument("--spares", type=int, default=1, help="pre-warmed spare processes to keep (default 1)")
     p.add_argument("--hang-timeout", type=float, default=None,
                    help="seconds without progress before a rank counts as hung (default: learned from step times)")
+    p.add_argument("--stopped-timeout", type=float, default=0.5,
+                   help="seconds a rank may stay stopped (SIGSTOP, state T) before it counts as frozen "
+                        "(default 0.5)")
     p.add_argument("--max-restarts", type=int, default=10, help="replacements before the job is given up")
     p.add_argument("--no-replace", action="store_true",
                    help="never replace a failed rank: the healthy ranks write a just-in-time checkpoint and the "
