@@ -25,25 +25,19 @@ import hmac
 import logging
 import os
 import secrets
-import selectors
-import signal
-import socket
-import struct
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mnemosyne.core.errors import AuthError, ConfigError, MnemosyneError, ProtocolError, StateError
+from mnemosyne.core.errors import AuthError, ConfigError, ProtocolError, StateError
+from mnemosyne.proxy._connections import HELLO_TIMEOUT, Conn, ConnectionLoop, split_listen
 from mnemosyne.proxy._generated.messages import (
-    FRAME,
     Allocate,
     AllocateReply,
     BeginUpdate,
     Checksum,
     ChecksumReply,
     Commit,
-    Error,
     Free,
     Hello,
     Map,
@@ -73,13 +67,9 @@ from mnemosyne.proxy._generated.messages import (
     Table,
     TableReply,
     Welcome,
-    decode_payload,
-    parse_header,
 )
 from mnemosyne.proxy._generated.stubs import ServerDispatch
-from mnemosyne.proxy._wire import PeerClosed, send_frame
 from mnemosyne.proxy.arena import Arena, load_arena
-from mnemosyne.proxy.errors import ProxyError, error_code
 from mnemosyne.proxy.journal import Journal
 from mnemosyne.proxy.markers import PAGE_SIZE, MarkerPage, pack, unpack
 from mnemosyne.proxy.table import HandleTable
@@ -95,44 +85,11 @@ _PEER_REQUESTS = (Hello, Map, Table, Status, Checksum, Read)
 COMPACT_EVERY = 100_000
 #: Largest chunk a network peer may read at once.
 MAX_READ = 16 * 1024 * 1024
-#: Seconds one frame may take to arrive once its first byte came (and a reply to leave).
-_FRAME_TIMEOUT = 10.0
-#: Seconds a new connection has to send its Hello.
-HELLO_TIMEOUT = 5.0
-#: Largest frame payload before the Hello was accepted (a Hello is well under 1 KiB).
-MAX_PREAUTH_PAYLOAD = 4096
 #: Lock file held by the proxy serving a state directory.
 LOCK_NAME = "proxy.lock"
 
 
-def _split_listen(where: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT``) of ``--peer-listen``.
-
-    Raises:
-        ConfigError: Not ``HOST:PORT`` with a port in 0..65535.
-    """
-    host, sep, port = where.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        msg = f"--peer-listen {where!r}: expected HOST:PORT with a port in 0..65535 (e.g. 127.0.0.1:0)"
-        raise ConfigError(msg)
-    return host.strip("[]"), int(port)
-
-
-@dataclass
-class _Conn:
-    sock: socket.socket
-    unix: bool
-    authed: bool = False
-    role: str = ""
-    pid: int = 0
-    fds_out: list[int] = field(default_factory=list)
-    # Bytes received but not yet a whole frame: the loop reads what is there and moves on,
-    # so a client that sends a frame byte by byte never blocks another client.
-    buf: bytearray = field(default_factory=bytearray)
-    since: float = field(default_factory=time.monotonic)  # accepted, or first byte of the pending frame
-
-
-class ProxyServer(ServerDispatch):
+class ProxyServer(ServerDispatch, ConnectionLoop):
     """A device proxy.
 
     Args:
@@ -159,7 +116,6 @@ class ProxyServer(ServerDispatch):
             raise ConfigError(msg)
         os.chmod(self.state_dir, 0o700)
         self._lock_fd = self._lock_state_dir()
-        self.socket_path = self.state_dir / "proxy.sock"
         self.job = job
         self.token = self._load_token(token)
         self.arena_name = arena
@@ -168,14 +124,11 @@ class ProxyServer(ServerDispatch):
         self.host_capacity = host_capacity
         self.peer_listen = peer_listen
         if peer_listen is not None:
-            _split_listen(peer_listen)  # refuse a bad address before any file is touched
+            split_listen(peer_listen)  # refuse a bad address before any file is touched
         self.journal = Journal(self.state_dir / "proxy.log")
         self.table = HandleTable([])
         self.arena: Arena | None = None
-        self._sel = selectors.DefaultSelector()
-        self._listeners: list[socket.socket] = []
-        self._stop = False
-        self.peer_address: str | None = None
+        ConnectionLoop.__init__(self, self.state_dir)
         self.markers: MarkerPage | None = None
         self._markers_fd = -1
         self._marks_seen = (0, 0)
@@ -240,64 +193,6 @@ class ProxyServer(ServerDispatch):
         if self.peer_listen:
             self._bind_tcp(self.peer_listen)
 
-    def _bind_unix(self) -> None:
-        path = str(self.socket_path)
-        if len(path.encode()) >= 104:
-            msg = f"proxy socket path {path!r} is too long for a Unix socket (keep it under 104 bytes)"
-            raise ConfigError(msg)
-        if self.socket_path.exists():
-            self.socket_path.unlink()  # a previous generation's socket: nobody is listening on it
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)  # the socket file is born 0600: no window where others can connect
-        try:
-            sock.bind(path)
-        finally:
-            os.umask(old)
-        os.chmod(path, 0o600)
-        sock.listen(16)
-        sock.setblocking(False)
-        self._listeners.append(sock)
-        self._sel.register(sock, selectors.EVENT_READ, ("listen", True))
-
-    def _bind_tcp(self, where: str) -> None:
-        host, port = _split_listen(where)
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            sock.close()
-            msg = f"--peer-listen {where}: cannot listen there ({exc.strerror or exc})"
-            raise ConfigError(msg) from None
-        sock.listen(16)
-        sock.setblocking(False)
-        bound = sock.getsockname()
-        self.peer_address = f"tcp:{bound[0]}:{bound[1]}"
-        (self.state_dir / "peer.addr").write_text(self.peer_address + "\n")
-        self._listeners.append(sock)
-        self._sel.register(sock, selectors.EVENT_READ, ("listen", False))
-
-    def serve_forever(self, install_signals: bool = True) -> None:
-        """Serve until SIGTERM/SIGINT or a Shutdown request, then release everything."""
-        if install_signals:
-            signal.signal(signal.SIGTERM, lambda *_: self.stop())
-            signal.signal(signal.SIGINT, lambda *_: self.stop())
-        try:
-            while not self._stop:
-                for key, _ in self._sel.select(timeout=0.2):
-                    kind, data = key.data
-                    if kind == "listen":
-                        self._accept(key.fileobj, data)  # type: ignore[arg-type]
-                    else:
-                        self._serve_one(data)
-                self._expire(time.monotonic())
-        finally:
-            self.close()
-
-    def stop(self) -> None:
-        """Ask the loop to end."""
-        self._stop = True
-
     def close(self) -> None:
         """Record the last markers, close every socket, the log, the marker page and the arena."""
         if self.markers is not None:
@@ -306,11 +201,7 @@ class ProxyServer(ServerDispatch):
             self.markers.close()
             os.close(self._markers_fd)
             self.markers = None
-        for key in list(self._sel.get_map().values()):
-            key.fileobj.close()  # type: ignore[union-attr]
-        self._sel.close()
-        if self.socket_path.exists():
-            self.socket_path.unlink()
+        ConnectionLoop.close(self)
         self.journal.close()
         if self.arena is not None:
             self.arena.close()
@@ -319,114 +210,16 @@ class ProxyServer(ServerDispatch):
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = -1
 
-    # ---- connections ---------------------------------------------------------------------
-    def _accept(self, lsock: socket.socket, unix: bool) -> None:
-        try:
-            sock, _ = lsock.accept()
-        except BlockingIOError:
-            return
-        if unix:
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            _pid, uid, _gid = struct.unpack("3i", creds)
-            if uid != os.getuid():
-                logger.warning("refused a connection from uid %d (proxy runs as uid %d)", uid, os.getuid())
-                sock.close()
-                return
-        else:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setblocking(True)
-        sock.settimeout(_FRAME_TIMEOUT)
-        self._sel.register(sock, selectors.EVENT_READ, ("conn", _Conn(sock, unix)))
+    # ---- requests ------------------------------------------------------------------------
+    def _respond(self, conn: Conn, request: Message) -> Message:
+        self._authorize(conn, request)
+        return self.dispatch(request, conn)
 
-    def _drop(self, conn: _Conn) -> None:
-        if conn.sock.fileno() < 0:
-            return  # already dropped
-        self._sel.unregister(conn.sock)
-        conn.sock.close()
+    def _dropped(self, conn: Conn) -> None:
         if conn.role == "trainer":  # it may have died: record where its markers stand
             self.sync_markers()
 
-    def _expire(self, now: float) -> None:
-        """Drop connections whose Hello or pending frame is overdue (slow or silent peers)."""
-        for key in list(self._sel.get_map().values()):
-            kind, conn = key.data
-            if kind != "conn":
-                continue
-            if not conn.authed and now - conn.since > HELLO_TIMEOUT:
-                why = f"no Hello within {HELLO_TIMEOUT:g} s"
-            elif conn.buf and now - conn.since > _FRAME_TIMEOUT:
-                why = f"a frame took more than {_FRAME_TIMEOUT:g} s ({len(conn.buf)} bytes so far)"
-            else:
-                continue
-            logger.warning("dropping a %s connection: %s", "unix" if conn.unix else "tcp", why)
-            self._reply_error(conn, 0, ProtocolError(why))
-            self._drop(conn)
-
-    def _reject(self, conn: _Conn, exc: ProtocolError) -> None:
-        # A foreign or garbled stream cannot be resynchronised: answer once, hang up.
-        logger.warning("rejected a malformed message from %s: %s", "unix" if conn.unix else "tcp", exc)
-        self._reply_error(conn, 0, exc)
-        self._drop(conn)
-
-    def _serve_one(self, conn: _Conn) -> None:
-        """Read what the socket holds; handle every whole frame it completes."""
-        try:
-            data = conn.sock.recv(1 << 20, socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self._drop(conn)
-            return
-        if not data:
-            if conn.buf:
-                self._reject(conn, ProtocolError(f"connection closed mid-frame ({len(conn.buf)} bytes)"))
-            else:
-                self._drop(conn)
-            return
-        if not conn.buf:
-            conn.since = time.monotonic() if conn.authed else conn.since
-        conn.buf += data
-        while len(conn.buf) >= FRAME.size and conn.sock.fileno() >= 0:
-            try:
-                msg_id, rid, length = parse_header(bytes(conn.buf[:FRAME.size]))
-                if not conn.authed and length > MAX_PREAUTH_PAYLOAD:
-                    msg = (f"a {length}-byte message before Hello: an unauthenticated connection may only send "
-                           f"Hello (at most {MAX_PREAUTH_PAYLOAD} bytes)")
-                    raise ProtocolError(msg)
-                if len(conn.buf) < FRAME.size + length:
-                    return  # the rest comes later (under the frame deadline)
-                payload = bytes(conn.buf[FRAME.size:FRAME.size + length])
-                del conn.buf[:FRAME.size + length]
-                request = decode_payload(msg_id, payload)
-            except ProtocolError as exc:
-                self._reject(conn, exc)
-                return
-            conn.since = time.monotonic()
-            self._handle_request(conn, request, rid)
-
-    def _handle_request(self, conn: _Conn, request: Message, rid: int) -> None:
-        try:
-            self._authorize(conn, request)
-            reply = self.dispatch(request, conn)
-        except MnemosyneError as exc:
-            self._reply_error(conn, rid, exc)
-            if not conn.authed or isinstance(exc, ProtocolError):
-                self._drop(conn)
-            return
-        except Exception as exc:  # a bug must not take the state down with it
-            logger.exception("proxy failed to handle %s", type(request).__name__)
-            self._reply_error(conn, rid, ProxyError(f"internal error handling {type(request).__name__}: {exc!r}"))
-            return
-        fds, conn.fds_out = conn.fds_out, []
-        try:
-            send_frame(conn.sock, reply, rid, fds)
-        except (PeerClosed, OSError):
-            self._drop(conn)
-        finally:
-            for fd in fds:
-                os.close(fd)
-
-    def _authorize(self, conn: _Conn, request: Message) -> None:
+    def _authorize(self, conn: Conn, request: Message) -> None:
         if not conn.authed and not isinstance(request, Hello):
             msg = f"first message must be Hello with the job token, got {type(request).__name__}"
             raise AuthError(msg)
@@ -436,10 +229,6 @@ class ProxyServer(ServerDispatch):
         if conn.authed and conn.role == "peer" and not isinstance(request, _PEER_REQUESTS):
             msg = f"a peer connection may not send {type(request).__name__} (peers only read)"
             raise AuthError(msg)
-
-    def _reply_error(self, conn: _Conn, rid: int, exc: BaseException) -> None:
-        with contextlib.suppress(PeerClosed, OSError):
-            send_frame(conn.sock, Error(error_code(exc), str(exc)), rid)
 
     # ---- the log -------------------------------------------------------------------------
     def append_record(self, record: Message) -> None:
@@ -513,7 +302,7 @@ class ProxyServer(ServerDispatch):
 
     def handle_hello(self, request: Hello, ctx: Any) -> Welcome:
         """Check the token and job; remember the role."""
-        conn: _Conn = ctx
+        conn: Conn = ctx
         if not hmac.compare_digest(request.token.encode(), self.token.encode()):
             msg = "wrong job token: this proxy serves another job or the token is stale"
             raise AuthError(msg)
@@ -531,7 +320,7 @@ class ProxyServer(ServerDispatch):
 
     def handle_map(self, request: Map, ctx: Any) -> MapReply:
         """Send the arena's descriptors (read-only ones to peers)."""
-        conn: _Conn = ctx
+        conn: Conn = ctx
         if not conn.unix:
             msg = "memory descriptors can only be passed over the Unix socket"
             raise ConfigError(msg)
@@ -543,7 +332,7 @@ class ProxyServer(ServerDispatch):
 
     def handle_markers(self, request: Markers, ctx: Any) -> MarkersReply:
         """Hand out the marker page (a new trainer: record the old one's markers, then reset)."""
-        conn: _Conn = ctx
+        conn: Conn = ctx
         if not conn.unix or self.markers is None:
             msg = "the marker page can only be passed over the Unix socket of a running proxy"
             raise ConfigError(msg)
