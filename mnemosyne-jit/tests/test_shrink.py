@@ -21,7 +21,7 @@ from mnemosyne.core.errors import ConfigError
 from mnemosyne.core.events import EventKind
 from mnemosyne.jit._comm import TorchBackend
 from mnemosyne.jit._gradsync import GradSync
-from mnemosyne.jit._recovery import NO_STATE, agree, transfer
+from mnemosyne.jit._recovery import NO_STATE, Rendezvous, agree, transfer
 from mnemosyne.jit._store import connect_store, host_store
 from mnemosyne.jit.data import ResumableSampler, assign_data_ranks, loader_for_rank
 from mnemosyne.jit.testing import TINY, flatten_state, launch
@@ -152,10 +152,11 @@ def test_agree_and_transfer_over_members_with_a_gap(kind):
             comm = create(store, r)
             assert tuple(comm.ranks) == (0, 1, 3) and comm.rank == r
             ev = threading.Event()
-            plan = agree(store, 4, r, members, NO_STATE if r == 1 else 7, 8, ev, 20)
+            rv = Rendezvous(store, 4, r, ev, 20)
+            plan = agree(rv, members, NO_STATE if r == 1 else 7, 8)
             assert (plan.top, plan.donors, plan.receivers) == (7, [0, 3], [1])
             mine = donor_state if r != 1 else {"model": {f"w{i}": torch.zeros(1) for i in range(5)}, "step": -1}
-            got, nbytes = transfer(comm, store, 4, r, plan, torch.device("cpu"), lambda: mine, ev, 20)
+            got, nbytes = transfer(comm, rv, plan, torch.device("cpu"), lambda: mine)
             comm.barrier()
             comm.close()
             return got, nbytes

@@ -230,7 +230,7 @@ def test_agreement_never_takes_a_reattached_rank_as_donor():
 
     from mnemosyne.core.errors import RecoveryError
     from mnemosyne.jit import _keys
-    from mnemosyne.jit._recovery import NO_STATE, agree
+    from mnemosyne.jit._recovery import NO_STATE, Rendezvous, agree
 
     store = host_store()
     ev = threading.Event()
@@ -239,7 +239,7 @@ def test_agreement_never_takes_a_reattached_rank_as_donor():
         for r, (c, att) in others.items():
             body = {"committed": c, "started": -1, "reattached": att}
             store.set(_keys.committed(epoch, r), json.dumps(body).encode())
-        return agree(store, epoch, 0, [0, *others], mine, -1, ev, 5, reattached=reattached)
+        return agree(Rendezvous(store, epoch, 0, ev, 5), [0, *others], mine, -1, reattached=reattached)
 
     p = plan(1, {1: (5, True), 2: (NO_STATE, False), 3: (5, False)}, 5)
     assert (p.top, p.donors, p.receivers, p.partial) == (5, [0, 3], [1, 2], [1])
@@ -281,3 +281,22 @@ def test_demo_build_without_init_matches_the_initialised_layout():
     assert [len(g["params"]) for g in opt.param_groups] == [len(g["params"]) for g in ref_opt.param_groups]
     model.load_state_dict(ref.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values(), strict=True))
+
+
+def test_step_state_transitions_torn_only_after_an_applied_update():
+    from mnemosyne.jit._stepstate import Position, StepState
+
+    s0 = StepState(pos=Position(committed=-1, epoch=2))
+    s = s0.enter(5, grads_were_none=False).synced_now()
+    assert (s.started, s.synced, s.applied, s.grads_were_none) == (5, 5, -1, False)
+    assert not s.discard(5).torn  # aborted before the optimizer ran: the replica still holds step 4
+    s = s.applied_now()
+    assert s.applied == 5 and s.discard(5).torn and not s.discard(6).torn
+    torn = s.discard(5).fail()
+    assert torn.needs_recovery and torn.started == 5 and s0.started == -1  # values, not shared flags
+    back = torn.reattach().recovered()
+    assert (back.synced, back.applied, back.torn, back.needs_recovery, back.reattached) == (-1, -1, False, False, False)
+    assert back.started == 5 and back.idle().started == -1 and torn.fail(forget_started=True).started == -1
+    moved = back.at(6, "forward", False, 5, 3)
+    assert moved.pos.as_dict() == {"step": 6, "phase": "forward", "coll": False, "committed": 5, "epoch": 3}
+    assert back.pos == s0.pos == Position(0, "init", True, -1, 2)

@@ -25,7 +25,6 @@ import errno
 import functools
 import os
 import shutil
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,11 +33,10 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from mnemosyne.core.comm import Communicator
 from mnemosyne.core.errors import CommError, ConfigError, RecoveryError
 from mnemosyne.core.events import EventKind, phase
-from mnemosyne.core.store import Store
 from mnemosyne.jit import _keys
 from mnemosyne.jit._gradsync import GradSync
 from mnemosyne.jit._protocol import EXIT_CKPT, EXIT_CKPT_FAILED, EXIT_REPLACED, read_record
-from mnemosyne.jit._recovery import NO_STATE, Agreement, agree, transfer, wait_key
+from mnemosyne.jit._recovery import NO_STATE, Agreement, Rendezvous, agree, transfer, wait_key
 from mnemosyne.jit.data import assign_data_ranks
 from mnemosyne.jit.inject import InjectedFault
 
@@ -50,13 +48,18 @@ __all__ = ["RecoveryContext", "checkpoint_and_exit", "finish", "recover", "resum
 
 @dataclass(frozen=True)
 class RecoveryContext:
-    """One recovery attempt: the epoch it recovers and what every wait in it needs."""
+    """One recovery attempt: the epoch it recovers and what every wait in it needs (``rv``)."""
 
-    store: Store
-    epoch: int
-    rank: int
-    interrupt: threading.Event
-    timeout: float
+    rv: Rendezvous
+
+    @property
+    def epoch(self) -> int:
+        """The membership epoch this attempt recovers."""
+        return self.rv.epoch
+
+
+def _rendezvous(job: Job, epoch: int, timeout: float | None = None) -> Rendezvous:
+    return Rendezvous(job.store, epoch, job.rank, job._interrupt, job.timeout if timeout is None else timeout)
 
 
 def recover(job: Job, first: bool) -> None:
@@ -66,13 +69,13 @@ def recover(job: Job, first: bool) -> None:
     if not first:
         job.recoveries += 1
         abort_s = t0 - notice if notice is not None else 0.0
-        job.log.emit(EventKind.PHASE, "abort", abort_s, ok=True, step=job._started)
+        job.log.emit(EventKind.PHASE, "abort", abort_s, ok=True, step=job._st.started)
     if job._gradsync is not None:
         job._gradsync.close()
     job._gradsync = None
     min_epoch = job.epoch if first else job.epoch + 1
     while True:
-        ctx = RecoveryContext(job.store, job._adopt(min_epoch), job.rank, job._interrupt, job.timeout)
+        ctx = RecoveryContext(_rendezvous(job, job._adopt(min_epoch)))
         ranks = _membership(job, ctx)
         try:
             plan = _attempt(job, ctx, ranks, first)
@@ -81,7 +84,7 @@ def recover(job: Job, first: bool) -> None:
             # whatever the symptom (a peer's socket, a store wait, torch's RuntimeError):
             # seen when a replacement's first transfer lost its donor before the agent had
             # published the next epoch.
-            if job._watch.newer(ctx.store, ctx.epoch):
+            if job._watch.newer(ctx.rv.store, ctx.epoch):
                 job.logger.info("recovery of epoch %d interrupted: %s", ctx.epoch, exc)
             elif not isinstance(exc, CommError):  # CommError: a member died before the agent told us
                 raise
@@ -94,10 +97,11 @@ def recover(job: Job, first: bool) -> None:
 def _membership(job: Job, ctx: RecoveryContext) -> list[int]:
     """The epoch's record (read once): exit if replaced, follow a checkpoint order; the members."""
     if job._record.epoch != ctx.epoch:
-        job._record = read_record(ctx.store, ctx.epoch, ctx.timeout)
+        job._record = read_record(ctx.rv.store, ctx.epoch, ctx.rv.timeout)
     members = job._record.membership
-    if members.members.get(ctx.rank) != job._member:
-        job.logger.warning("replaced in epoch %d (holder now %s); exiting", ctx.epoch, members.members.get(ctx.rank))
+    if members.members.get(ctx.rv.rank) != job._member:
+        job.logger.warning("replaced in epoch %d (holder now %s); exiting", ctx.epoch,
+                           members.members.get(ctx.rv.rank))
         job._exit(EXIT_REPLACED)
     job._set_pos(job.next_step, "recovery", coll=True)
     order = job._record.ckpt
@@ -113,19 +117,17 @@ def _attempt(job: Job, ctx: RecoveryContext, ranks: list[int], first: bool) -> A
         t.fields.update(how=how, comm_epoch=comm.epoch)
         if job._watch.install(comm, ctx.epoch):
             comm.abort("a newer epoch appeared while building")
-    committed = NO_STATE if job._torn else job.committed
+    committed = NO_STATE if job._st.torn else job.committed
     with phase(job.log, "agree") as t:
-        plan = agree(ctx.store, ctx.epoch, ctx.rank, ranks, committed, job._started, ctx.interrupt, ctx.timeout,
-                     reattached=job._reattached)
+        plan = agree(ctx.rv, ranks, committed, job._st.started, reattached=job._st.reattached)
         t.fields.update(top=plan.top, donors=plan.donors, receivers=plan.receivers, partial=plan.partial)
     try:
         job.injector.maybe_fire(plan.resume_step, "recovery")
     except InjectedFault as exc:
-        job._die_of_exception(job._started, exc)
+        job._die_of_exception(job._st.started, exc)
     with phase(job.log, "transfer", first=first) as t:
         info: dict[str, Any] = {}
-        received, nbytes = transfer(comm, ctx.store, ctx.epoch, ctx.rank, plan, job.device, job._state,
-                                    ctx.interrupt, ctx.timeout,
+        received, nbytes = transfer(comm, ctx.rv, plan, job.device, job._state,
                                     local=job._local_state if job.proxy is not None else None, report=info)
         t.fields.update(bytes=nbytes, donors=len(plan.donors), receivers=len(plan.receivers),
                         role=info["role"] if info["role"] != "none" else "donor")
@@ -154,8 +156,9 @@ def _repair(job: Job, ctx: RecoveryContext, ranks: list[int], first: bool) -> tu
     if target is None:
         msg = f"epoch record {ctx.epoch} names no mnemosyne-ccl communicator epoch (a torch-only agent published it?)"
         raise RecoveryError(msg)
-    comm = job._backend.repair(old, ctx.store, ctx.rank, ranks, epoch=target, joining=first and ctx.epoch > 0,
-                               timeout=ctx.timeout, interrupt=ctx.interrupt)
+    rv = ctx.rv
+    comm = job._backend.repair(old, rv.store, rv.rank, ranks, epoch=target, joining=first and rv.epoch > 0,
+                               timeout=rv.timeout, interrupt=rv.interrupt)
     return comm, job._backend.last_repair
 
 
@@ -163,11 +166,7 @@ def _resumed(job: Job, plan: Agreement, ranks: list[int], first: bool, t0: float
     """The job continues at the agreed step, with a fresh gradient layout over the new communicator."""
     job.committed = plan.top
     job.next_step = plan.resume_step
-    job._torn = False
-    job._reattached = False
-    job._synced = -1
-    job._applied = -1
-    job._needs_recovery = False
+    job._st = job._st.recovered()
     # Divide by the data-parallel world, not by the members present: while shrunk,
     # hosts' gradients hold several ranks' micro-batches (identical to comm.size otherwise).
     job._gradsync = GradSync(list(job.model.parameters()), job.bucket_bytes, world_size=job.world_size,
@@ -175,13 +174,14 @@ def _resumed(job: Job, plan: Agreement, ranks: list[int], first: bool, t0: float
     job.data_ranks = assign_data_ranks(job.world_size, ranks)[job.rank]
     job.members = list(ranks)
     job._set_pos(job.next_step, "boundary")
-    redone = max(0, job._started - plan.resume_step + 1) if job._started >= 0 else 0
+    started = job._st.started
+    redone = max(0, started - plan.resume_step + 1) if started >= 0 else 0
     job.log.emit(EventKind.RECOVERED, "start" if first else "recovered", time.perf_counter() - t0,
-                 resume_step=plan.resume_step, started=job._started, steps_redone=redone,
+                 resume_step=plan.resume_step, started=started, steps_redone=redone,
                  members=ranks, data_ranks=job.data_ranks,
                  role="receiver" if job.rank in plan.receivers else "donor",
                  max_started=max(plan.started.values(), default=-1))
-    job._started = -1
+    job._st = job._st.idle()
 
 
 def resume_from(job: Job, path: str) -> None:
@@ -220,13 +220,12 @@ def checkpoint_and_exit(job: Job, epoch: int, order: dict[str, Any]) -> NoReturn
     from mnemosyne.jit import ckpt
 
     ranks = [int(r) for r in order["ranks"]]
-    committed = NO_STATE if job._torn else job.committed
+    committed = NO_STATE if job._st.torn else job.committed
     code = EXIT_CKPT
     path = Path(order["dir"])
     try:
         with phase(job.log, "agree", ckpt=True) as t:
-            plan = agree(job.store, epoch, job.rank, ranks, committed, job._started, job._interrupt,
-                         job.timeout, reattached=job._reattached)
+            plan = agree(_rendezvous(job, epoch), ranks, committed, job._st.started, reattached=job._st.reattached)
             t.fields.update(top=plan.top, donors=plan.donors, receivers=plan.receivers)
         if plan.top >= 0 and job.rank in plan.donors:
             path = Path(order["dir"]) / ckpt.checkpoint_name(plan.top)
@@ -259,12 +258,12 @@ def finish(job: Job) -> bool:
     """
     job._set_pos(job.next_step, "finish", coll=True)
     job.store.set(_keys.done(job.rank), str(job.epoch).encode())
+    rv = _rendezvous(job, job.epoch, timeout=24 * 3600.0)
     try:
         for r in job._record.membership.ranks:
-            wait_key(job.store, _keys.done(r), job._interrupt, 24 * 3600.0)
+            wait_key(rv, _keys.done(r))
     except CommError:
-        job._needs_recovery = True
-        job._started = -1
+        job._st = job._st.fail(forget_started=True)
         return False
     return True
 

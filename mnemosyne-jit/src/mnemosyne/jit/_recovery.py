@@ -48,7 +48,7 @@ from mnemosyne.jit._state import (
     unpack,
 )
 
-__all__ = ["NO_STATE", "Agreement", "agree", "transfer", "wait_key"]
+__all__ = ["NO_STATE", "Agreement", "Rendezvous", "agree", "transfer", "wait_key"]
 
 #: Committed step reported by a process that holds no synchronised state.
 NO_STATE = -2
@@ -79,18 +79,38 @@ class Agreement:
         return self.top + 1
 
 
-def wait_key(store: Store, key: str, interrupt: threading.Event, timeout: float) -> bytes:
-    """Get ``key``, interruptibly (:func:`mnemosyne.core.store.wait_key`).
+@dataclass(frozen=True)
+class Rendezvous:
+    """What every exchange of one recovery needs: where, which epoch, who, what ends a wait, how long.
+
+    Attributes:
+        store: The job's store (positions, layouts and need lists travel there).
+        epoch: Membership epoch being recovered (the keys' namespace).
+        rank: This rank.
+        interrupt: Set when a newer epoch exists (ends every wait).
+        timeout: Bound of every wait, seconds.
+    """
+
+    store: Store
+    epoch: int
+    rank: int
+    interrupt: threading.Event
+    timeout: float
+
+
+def wait_key(rv: Rendezvous, key: str, timeout: float | None = None) -> bytes:
+    """Get ``key`` from ``rv.store``, interruptibly (:func:`mnemosyne.core.store.wait_key`).
+
+    ``timeout`` replaces ``rv.timeout`` for this wait.
 
     Raises:
-        CommAborted: ``interrupt`` was set (a newer epoch exists).
-        RecoveryError: The key did not appear within ``timeout`` seconds.
+        CommAborted: ``rv.interrupt`` was set (a newer epoch exists).
+        RecoveryError: The key did not appear within the timeout.
     """
-    return _wait_key(store, key, interrupt, timeout, error=RecoveryError)
+    return _wait_key(rv.store, key, rv.interrupt, rv.timeout if timeout is None else timeout, error=RecoveryError)
 
 
-def agree(store: Store, epoch: int, rank: int, ranks: list[int], committed: int, started: int,
-          interrupt: threading.Event, timeout: float, reattached: bool = False) -> Agreement:
+def agree(rv: Rendezvous, ranks: list[int], committed: int, started: int, reattached: bool = False) -> Agreement:
     """Publish this rank's position and compute donors and receivers from everyone's.
 
     ``reattached``: this rank's ``committed`` step comes from its device proxy's arena
@@ -99,9 +119,10 @@ def agree(store: Store, epoch: int, rank: int, ranks: list[int], committed: int,
     Raises:
         RecoveryError: Every member re-attached to a proxy and none holds the light state.
     """
+    epoch = rv.epoch
     me = {"committed": committed, "started": started, "reattached": reattached}
-    store.set(_keys.committed(epoch, rank), json.dumps(me).encode())
-    got = {r: json.loads(wait_key(store, _keys.committed(epoch, r), interrupt, timeout)) for r in ranks}
+    rv.store.set(_keys.committed(epoch, rv.rank), json.dumps(me).encode())
+    got = {r: json.loads(wait_key(rv, _keys.committed(epoch, r))) for r in ranks}
     started_by = {r: int(v["started"]) for r, v in got.items()}
     full = {r: int(v["committed"]) for r, v in got.items() if not v.get("reattached")}
     attached = {r: int(v["committed"]) for r, v in got.items() if v.get("reattached")}
@@ -150,21 +171,17 @@ def _needed(meta: dict[str, Any], specs: list[TensorSpec], local: LocalState) ->
     return need, [t if backed[i] else None for i, t in enumerate(own)]
 
 
-def transfer(comm: Communicator, store: Store, epoch: int, rank: int, plan: Agreement, device: torch.device,
-             state_fn: Callable[[], dict[str, Any]], interrupt: threading.Event, timeout: float,
-             local: LocalState | None = None, report: dict[str, Any] | None = None) -> tuple[Any, int]:
+def transfer(comm: Communicator, rv: Rendezvous, plan: Agreement, device: torch.device,
+             state_fn: Callable[[], dict[str, Any]], local: LocalState | None = None,
+             report: dict[str, Any] | None = None) -> tuple[Any, int]:
     """Run this rank's part of the transfer.
 
     Args:
-        comm: The communicator of ``epoch``.
-        store: The job's store (layout and need lists travel there).
-        epoch: Membership epoch of the recovery.
-        rank: This rank.
-        plan: The agreement of ``epoch``.
+        comm: The communicator of ``rv.epoch``.
+        rv: The recovery's store, epoch, rank, interrupt and wait bound.
+        plan: The agreement of ``rv.epoch``.
         device: Where received tensors of device type ``cuda`` land.
         state_fn: Returns a donor's state object.
-        interrupt: Set when a newer epoch exists (ends every wait).
-        timeout: Bound of every wait, seconds.
         local: For a rank in ``plan.partial``: its own state (see :data:`LocalState`), so
             that only tensors outside its arena are received. Without it, such a rank
             receives everything.
@@ -176,6 +193,7 @@ def transfer(comm: Communicator, store: Store, epoch: int, rank: int, plan: Agre
         For a receiver, the received state object (apply it after this returns); for a
         donor, None. Second item: bytes this rank sent or received.
     """
+    store, epoch, rank = rv.store, rv.epoch, rv.rank
     info = report if report is not None else {}
     info.update(role="none", kept_bytes=0, heavy_bytes=0)
     # Every transport a trainer uses moves CUDA tensors (NCCL, ccl's or torch's) or CPU ones (Gloo).
@@ -197,7 +215,7 @@ def transfer(comm: Communicator, store: Store, epoch: int, rank: int, plan: Agre
         for dst in plan.receivers:
             key: tuple[int, ...] | None = None
             if dst in plan.partial:
-                body = json.loads(wait_key(store, _keys.xfer_need(epoch, dst), interrupt, timeout))
+                body = json.loads(wait_key(rv, _keys.xfer_need(epoch, dst)))
                 key = None if body["need"] is None else tuple(int(i) for i in body["need"])
             groups.setdefault(key, []).append(dst)
         sent = 0
@@ -211,7 +229,7 @@ def transfer(comm: Communicator, store: Store, epoch: int, rank: int, plan: Agre
                         comm.send(buf, dst)
                     sent += buf.numel()
         return None, sent
-    meta = json.loads(wait_key(store, _keys.xfer_meta(epoch), interrupt, timeout))
+    meta = json.loads(wait_key(rv, _keys.xfer_meta(epoch)))
     specs = [TensorSpec.from_json(s) for s in meta["specs"]]
     owner = assign_stripes(specs, plan.donors)
     staging: list[torch.Tensor | None] = [None] * len(specs)

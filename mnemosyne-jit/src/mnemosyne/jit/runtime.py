@@ -87,6 +87,7 @@ from mnemosyne.jit._recovery import NO_STATE
 from mnemosyne.jit._select import backend_label, comm_backend
 from mnemosyne.jit._state import flatten
 from mnemosyne.jit._step import Step, _rng_seed
+from mnemosyne.jit._stepstate import Position, StepState
 from mnemosyne.jit._store import connect_job_store
 from mnemosyne.jit._watchdog import Watchdog
 from mnemosyne.jit.data import DataFeed
@@ -168,21 +169,14 @@ class Job:
         #: Epochs seen by the watchdog, the current communicator, the recovery interrupt.
         self._watch = EpochWatch(start_epoch, self.logger)
         self._interrupt = self._watch.interrupt
-        self._pos: dict[str, Any] = {"step": 0, "phase": "init", "coll": True, "committed": NO_STATE,
-                                     "epoch": start_epoch}
-        self._synced = -1
-        self._applied = -1
-        self._torn = False
+        #: Where the current step stands (one value; see :mod:`mnemosyne.jit._stepstate`).
+        self._st = StepState(pos=Position(committed=NO_STATE, epoch=start_epoch))
         self._step_start = 0.0
-        self._grads_were_none = True
-        self._started = -1
-        self._needs_recovery = False
         self._closed = False
         #: The device proxy holding this rank's model and optimizer state (``mnemo launch
         #: --proxy``), or None. Adopted before the first recovery: a replacement whose
         #: arena is committed at step s re-attaches to it and reports s.
         self.proxy: Any = None
-        self._reattached = False
         socket = env_str(MNEMOSYNE_PROXY_SOCKET)
         if socket:
             from mnemosyne.jit._proxy import ProxyLink
@@ -191,9 +185,9 @@ class Job:
             if self.proxy.step != NO_STATE:
                 self.committed = self.proxy.step
                 self.next_step = self.committed + 1
-                self._reattached = True
+                self._st = self._st.reattach()
             self.logger.info("device proxy %s: arena %s at step %d%s", socket, self.proxy.status.value,
-                             self.proxy.arena_step, " (re-attached)" if self._reattached else "")
+                             self.proxy.arena_step, " (re-attached)" if self._st.reattached else "")
         self.injector = Injector(rank, self.store, self.log)
         self.injector.add(parse_plans(env_str(MNEMOSYNE_INJECT, "") or ""))
         self._hooks = [optimizer.register_step_pre_hook(self._pre_step),
@@ -230,10 +224,10 @@ class Job:
 
     # ----------------------------------------------------------------- steady state
     def _position(self) -> dict[str, Any]:
-        return dict(self._pos)
+        return self._st.pos.as_dict()
 
     def _set_pos(self, step: int, where: str, coll: bool = False) -> None:
-        self._pos = {"step": step, "phase": where, "coll": coll, "committed": self.committed, "epoch": self.epoch}
+        self._st = self._st.at(step, where, coll, self.committed, self.epoch)
 
     def steps(self, data: Iterable[Any], max_steps: int,
               data_for_rank: Callable[[int], Iterable[Any]] | None = None) -> Iterator[Step]:
@@ -262,7 +256,7 @@ class Job:
             # Fail at the start, not at the first failure, when a shrunk epoch could not run.
             feed.loader((self.rank + 1) % self.world_size)
         while True:
-            if self._needs_recovery:
+            if self._st.needs_recovery:
                 self._recover()
             k = self.next_step
             if k >= max_steps:
@@ -278,7 +272,7 @@ class Job:
                 msg = "each step from Job.steps() must be run as `with step: ...` (it marks the step boundary)"
                 raise ConfigError(msg)
             if step.failed:
-                self._needs_recovery = True
+                self._st = self._st.fail()
                 continue
             if not step.micro_batches_done:
                 msg = (f"step {k}: the step body stopped iterating step.micro_batches() after data ranks "
@@ -296,8 +290,7 @@ class Job:
         np.random.seed(s % (2**32))
 
     def _enter_step(self, k: int) -> None:
-        self._started = k
-        self._grads_were_none = all(p.grad is None for p in self.model.parameters())
+        self._st = self._st.enter(k, all(p.grad is None for p in self.model.parameters()))
         self._set_pos(k, "forward")
         if self._gradsync is not None:
             self._gradsync.begin()
@@ -312,8 +305,8 @@ class Job:
         Call it yourself between backward and the optimizer when something there needs the
         averaged gradients (gradient clipping, a GradScaler's unscale).
         """
-        k = self._started
-        if self._synced == k:
+        k = self._st.started
+        if self._st.synced == k:
             return
         if self._gradsync is None or self._comm is None:
             msg = "gradient sync outside a step or before the job is ready"
@@ -327,7 +320,7 @@ class Job:
         if self._comm.aborted:
             msg = f"communicator of epoch {self.epoch} aborted during the gradient reduction"
             raise CommError(msg)
-        self._synced = k
+        self._st = self._st.synced_now()
         self._set_pos(k, "optimizer")
 
     @contextlib.contextmanager
@@ -356,21 +349,21 @@ class Job:
         """A bucket's all-reduce was launched (from a gradient hook, or at the wait)."""
         if i == 0 and in_backward:
             # The first reduction is in flight and backward goes on.
-            self._set_pos(self._started, "backward")
-            self.injector.maybe_fire(self._started, "backward")
+            self._set_pos(self._st.started, "backward")
+            self.injector.maybe_fire(self._st.started, "backward")
 
     def _pre_step(self, *_: Any) -> None:
         self.sync_gradients()
         if self.proxy is not None:
             # From here until the commit marker, the arena is torn (a crash inside the
             # update leaves a state that is neither step k-1's nor step k's).
-            self.proxy.begin(self._started)
+            self.proxy.begin(self._st.started)
 
     def _post_step(self, *_: Any) -> None:
-        self._applied = self._started
-        self.injector.maybe_fire(self._started, "optimizer")
+        self._st = self._st.applied_now()
+        self.injector.maybe_fire(self._st.started, "optimizer")
         if self.proxy is not None:
-            self.proxy.commit(self._started)
+            self.proxy.commit(self._st.started)
 
     def _commit(self, k: int, ran: list[int]) -> None:
         dt = time.perf_counter() - self._step_start
@@ -390,17 +383,16 @@ class Job:
 
     def _discard(self, k: int, exc: BaseException) -> None:
         """Drop the partial step ``k`` (its gradients); note a torn update."""
-        if self._applied == k:
-            # The optimizer already updated this replica in step k but the step did not
-            # finish: its state is neither step k-1's nor a committed step k's.
-            self._torn = True
+        # The optimizer may have updated this replica in step k but the step did not
+        # finish: its state is then neither step k-1's nor a committed step k's (torn).
+        self._st = self._st.discard(k)
         if self._gradsync is not None:
             # Reductions of this step may still be in flight: no gradient may stay a view
             # of buffers that abandoned work can write (a new GradSync comes with the repair).
             self._gradsync.close()
         for p in self.model.parameters():
             if p.grad is not None:
-                if self._grads_were_none:
+                if self._st.grads_were_none:
                     p.grad = None
                 else:
                     p.grad.zero_()
@@ -412,7 +404,7 @@ class Job:
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         sys.stderr.write(text)
         info = {"kind": "exception", "type": type(exc).__name__, "message": str(exc)[:500], "step": k,
-                "phase": self._pos.get("phase")}
+                "phase": self._st.pos.phase}
         try:
             self.store.set(_keys.report(self.rank, os.getpid()), json.dumps(info).encode())
             self.log.emit(EventKind.DETECT, "exception", step=k, error=f"{type(exc).__name__}: {exc}"[:500])
