@@ -2,7 +2,11 @@
 
 Every membership epoch gets a brand-new torch ProcessGroup (Gloo on CPU, NCCL on GPU)
 built under a fresh store prefix; nothing of a previous epoch is reused ("everyone
-rebuilds": slower than ccl's shrink/grow, but correct). :class:`TorchBackend` registers
+rebuilds": slower than ccl's shrink/grow, but correct). The core ``Communicator``
+contract's shrink, grow and rebuild are honoured the same way: each builds a fresh group
+through the comm's :class:`TorchBackend`, in the same store, at epoch + 1 (shrink: over the
+survivors; grow: over the union, while each newcomer calls :meth:`TorchBackend.join`;
+rebuild: the same members). Split is not supported. :class:`TorchBackend` registers
 as the ``torch`` backend under :data:`~mnemosyne.core.comm.BACKENDS_ENTRY_POINT`, next to
 ccl's ``gloo`` and ``nccl``; its transport is the constructor's argument. The members are logical ranks,
 possibly with gaps (a shrunk job: ``[0, 1, 3]``); the group's own (physical) rank of a
@@ -73,10 +77,14 @@ class TorchComm:
         backend: ``"gloo"`` or ``"nccl"``.
         ranks: Logical ranks of the members (default ``range(size)``); physical rank
             ``i`` holds ``sorted(ranks)[i]``.
+        maker: The backend that built it, with the store, the wait bound and the interrupt
+            of its rendezvous: shrink, grow and rebuild build the next group there (None:
+            they raise).
     """
 
     def __init__(self, pg: Any, rank: int, size: int, epoch: int, backend: str,
-                 ranks: Sequence[int] | None = None) -> None:
+                 ranks: Sequence[int] | None = None,
+                 maker: tuple[TorchBackend, Store, float, threading.Event | None] | None = None) -> None:
         self._pg = pg
         self._rank = rank
         self._size = size
@@ -92,6 +100,7 @@ class TorchComm:
         self._reason = ""
         self._lock = threading.Lock()
         self._waiters: set[threading.Event] = set()
+        self._maker = maker
 
     @property
     def rank(self) -> int:
@@ -280,20 +289,47 @@ class TorchComm:
                 logger.debug("native abort of the NCCL group failed", exc_info=True)
         self._park()
 
-    def shrink(self, dead_ranks: Sequence[int]) -> Communicator:
-        """Not native here: the runtime rebuilds through :class:`TorchBackend` instead."""
-        msg = "the plain torch.distributed backend cannot shrink in place; rebuild with TorchBackend.create"
-        raise CommError(msg)
+    def _next(self, what: str, members: Sequence[int]) -> TorchComm:
+        """A fresh group over ``members`` at epoch + 1, built by the backend that built this one."""
+        if self._maker is None:
+            msg = (f"{what}: this torch group of epoch {self._epoch} was not built by a TorchBackend, so it has no "
+                   "store to rendezvous in; build it with TorchBackend.create")
+            raise CommError(msg)
+        backend, store, timeout, interrupt = self._maker
+        return backend.create(store, self._rank, len(members), epoch=self._epoch + 1, timeout=timeout,
+                              interrupt=interrupt, ranks=members)
 
-    def grow(self, new_ranks: Sequence[int]) -> Communicator:
-        """Not native here: the runtime rebuilds through :class:`TorchBackend` instead."""
-        msg = "the plain torch.distributed backend cannot grow in place; rebuild with TorchBackend.create"
-        raise CommError(msg)
+    def shrink(self, dead_ranks: Sequence[int]) -> TorchComm:
+        """See :class:`Communicator`: a fresh group of the survivors at epoch + 1 (survivors only call it).
 
-    def rebuild(self) -> Communicator:
-        """Not native here: the runtime rebuilds through :class:`TorchBackend` instead."""
-        msg = "use TorchBackend.create(store, rank, size, epoch=epoch + 1) on every member"
-        raise CommError(msg)
+        Raises:
+            CommError: ``dead_ranks`` names a non-member or this rank, or leaves nobody.
+        """
+        dead = {int(r) for r in dead_ranks}
+        if not dead <= set(self._ranks) or self._rank in dead:
+            msg = (f"shrink of epoch {self._epoch}: dead ranks {sorted(dead)} must be members of "
+                   f"{list(self._ranks)} other than this rank {self._rank}")
+            raise CommError(msg)
+        return self._next("shrink", [r for r in self._ranks if r not in dead])
+
+    def grow(self, new_ranks: Sequence[int]) -> TorchComm:
+        """See :class:`Communicator`: a fresh group of members and ``new_ranks`` at epoch + 1.
+
+        Each newcomer calls ``TorchBackend.join(store, rank, epoch=epoch + 1)`` meanwhile.
+
+        Raises:
+            CommError: ``new_ranks`` is empty or names a member.
+        """
+        new = {int(r) for r in new_ranks}
+        if not new or new & set(self._ranks):
+            msg = (f"grow of epoch {self._epoch}: new ranks {sorted(new)} must be non-empty and not members "
+                   f"already ({list(self._ranks)})")
+            raise CommError(msg)
+        return self._next("grow", sorted(set(self._ranks) | new))
+
+    def rebuild(self) -> TorchComm:
+        """See :class:`Communicator`: a fresh group of the same members at epoch + 1."""
+        return self._next("rebuild", self._ranks)
 
     def split(self, color: int, key: int) -> Communicator | None:
         """Not supported by the fallback backend."""
@@ -424,7 +460,7 @@ class TorchBackend(CommBackend):
         if "err" in box:
             msg = f"building the {self.backend} group of epoch {epoch} failed: {box['err']}"
             raise CommError(msg) from box["err"]
-        return TorchComm(box["pg"], rank, size, epoch, self.backend, members)
+        return TorchComm(box["pg"], rank, size, epoch, self.backend, members, maker=(self, store, timeout, interrupt))
 
     def repair(self, old: Communicator | None, store: Store, rank: int, ranks: Sequence[int], *, epoch: int,
                joining: bool = False, timeout: float = 60.0,
@@ -442,7 +478,7 @@ class TorchBackend(CommBackend):
 
     @classmethod
     def capabilities(cls) -> dict[str, bool]:
-        """Nothing is native: shrink, grow and rebuild are all full rebuilds."""
+        """Nothing is native: shrink, grow and rebuild each build a fresh group (:meth:`TorchComm.shrink`)."""
         return {"shrink": False, "grow": False, "rebuild": False, "abort": True}
 
 
