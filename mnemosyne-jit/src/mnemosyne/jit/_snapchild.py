@@ -57,7 +57,7 @@ def _train(base: str, steps: int, every: int) -> None:
         train(model, opt, step)
         if step % every == 0:
             snap.capture(state_of(model, opt), step)
-            snap.fence()
+            snap.wait()
             print(json.dumps({"step": step, "copy_s": snap.last_copy_s}), flush=True)
     snap.close()
 

@@ -7,9 +7,10 @@ can flatten) into a holder of :mod:`mnemosyne.jit._snapstore` in shared memory:
    state into a JSON skeleton and a tensor list (references, no copy) and starts a
    background thread that copies every tensor's bytes straight into the holder's free slot
    and commits it with a blake2b digest. It returns at once.
-2. :meth:`Snapshotter.fence` waits for that copy; the caller calls it before anything
-   mutates the captured tensors in place (the next optimizer step). Forward and backward of
-   the next step overlap with the copy; only the part of the copy that outlasts them stalls.
+2. :meth:`Snapshotter.fence` waits for that copy (not for the digest and commit, which
+   go on in the background); the caller calls it before anything mutates the captured
+   tensors in place (the next optimizer step). Forward and backward of the next step
+   overlap with the copy; only the part of the copy that outlasts them stalls.
 
 The snapshot is consistent at the step boundary because nothing writes the captured
 tensors between ``capture`` and ``fence``. Nothing is pickled: :func:`restore` rebuilds
@@ -62,9 +63,10 @@ class Snapshotter:
         self.background = background
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._copied = threading.Event()
         #: Step of the newest generation this snapshotter committed (-1: none yet).
         self.last_step = -1
-        #: Seconds the last copy + digest took (in the background).
+        #: Seconds the last copy + digest + commit took (in the background).
         self.last_copy_s = 0.0
 
     def capture(self, state: Any, step: int) -> None:
@@ -74,7 +76,7 @@ class Snapshotter:
             StateError: ``state`` holds a value that cannot be snapshotted (names its path),
                 or the previous snapshot failed (its cause chained).
         """
-        self.fence()
+        self.wait()
         tensors: list[torch.Tensor] = []
         skel = flatten(state, tensors)
         specs = [spec_of(t) for t in tensors]
@@ -83,13 +85,14 @@ class Snapshotter:
                            "specs": [s.to_json() for s in specs], "offsets": offsets},
                           separators=(",", ":")).encode()
         writer = _snapstore.SlotWriter(self.base, step, meta, total)
+        self._copied.clear()
         if self.background:
             self._thread = threading.Thread(target=self._copy, args=(writer, tensors, specs, offsets),
                                             name="mnemosyne-snapshot", daemon=True)
             self._thread.start()
         else:
             self._copy(writer, tensors, specs, offsets)
-            self.fence()
+            self._raise()
 
     def _copy(self, writer: _snapstore.SlotWriter, tensors: list[torch.Tensor],
               specs: list[TensorSpec], offsets: list[int]) -> None:
@@ -102,32 +105,51 @@ class Snapshotter:
                     if n:
                         flat[off:off + n].view(t.dtype).view(t.shape).copy_(t.detach())
                 del flat
+            self._copied.set()
             writer.commit()
             self.last_step = writer.step
         except BaseException as e:
             self._error = e
             writer.abandon()
+        finally:
+            self._copied.set()
         self.last_copy_s = time.perf_counter() - t0
 
     def fence(self) -> float:
-        """Wait for the snapshot in flight (if any); returns the seconds waited.
+        """Wait until the snapshot in flight has copied the tensors; returns the seconds waited.
+
+        After it returns the captured tensors may change: their bytes are in shared memory.
+        The digest and commit may still be running (:meth:`wait` waits for those too).
 
         Raises:
             StateError: the snapshot failed; the previous generation is still the newest.
         """
         t0 = time.perf_counter()
         if self._thread is not None:
+            self._copied.wait()
+        self._raise()
+        return time.perf_counter() - t0
+
+    def wait(self) -> None:
+        """Wait until the snapshot in flight is committed (or failed).
+
+        Raises:
+            StateError: the snapshot failed; the previous generation is still the newest.
+        """
+        if self._thread is not None:
             self._thread.join()
             self._thread = None
+        self._raise()
+
+    def _raise(self) -> None:
         if self._error is not None:
             err, self._error = self._error, None
             msg = f"snapshot into {self.base} failed: {err}; the previous generation is kept"
             raise StateError(msg) from err
-        return time.perf_counter() - t0
 
     def close(self) -> None:
         """Finish the snapshot in flight (the holder stays: the node agent owns it)."""
-        self.fence()
+        self.wait()
 
 
 def decode(gen: _snapstore.Generation, device: torch.device | None = None) -> tuple[int, Any]:

@@ -187,9 +187,9 @@ class SlotWriter:
         self._map[HEADER_BYTES:HEADER_BYTES + len(meta)] = meta
         self.data = memoryview(self._map)[self._off:self._off + data_len]
 
-    def commit(self) -> bytes:
-        """Digest the payload and publish the generation (header last); returns the digest."""
-        dig = digest(self._meta, self.data)
+    def commit(self, dig: bytes | None = None) -> bytes:
+        """Digest the payload (unless ``dig`` is given) and publish the generation (header last)."""
+        dig = digest(self._meta, self.data) if dig is None else dig
         self.data.release()
         self._map[0:HEADER_BYTES] = _pack_head(_COMPLETE, self.seq, self.step, len(self._meta),
                                                self._data_len, dig)
@@ -217,7 +217,7 @@ def write_generation(base: str | os.PathLike[str], step: int, meta: bytes, data:
         raise CorruptStateError(msg)
     w = SlotWriter(base, step, meta, len(data))
     w.data[:] = data
-    w.commit()
+    w.commit(dig)
     return Generation(w.seq, step, bytes(meta), bytearray(data), dig, w.path)
 
 
