@@ -17,8 +17,16 @@ import torch
 
 from mnemosyne.core.errors import CorruptStateError, StateError
 from mnemosyne.jit import _snapchild, _snapstore
-from mnemosyne.jit._replicate import ReplicationError, curve_keys, fetch_generation, push_generation, ring_peers
-from mnemosyne.jit._snapshot import Snapshotter, restore
+from mnemosyne.jit._replicate import (
+    ReplicationError,
+    Replicator,
+    curve_keys,
+    fetch_first,
+    fetch_generation,
+    push_generation,
+    ring_peers,
+)
+from mnemosyne.jit._snapshot import Snapshotter, decode, restore
 
 zmq = pytest.importorskip("zmq")
 
@@ -109,14 +117,17 @@ def test_corrupt_newest_generation_falls_back_and_names_files(shm):
 
 
 def test_memory_bounded_over_200_snapshots(shm):
-    """200 captures of a growing-then-stable state: two slots, never more bytes than two generations."""
+    """200 background captures of a changing state: two slots, never more bytes than two generations."""
     base = f"{shm}/rank0"
     model, opt = _snapchild.build()
+    _snapchild.train(model, opt, 1)  # Adam's state exists from here on
     snap = Snapshotter(base)
     sizes = set()
+    first = next(model.parameters())
     for step in range(1, 201):
         snap.fence()
-        _snapchild.train(model, opt, step)
+        with torch.no_grad():
+            first.add_(1.0)  # the update of this step, after the previous copy ended
         snap.capture(_snapchild.state_of(model, opt), step)
         sizes.add(_snapstore.holder_bytes(base))
     snap.close()
@@ -124,7 +135,7 @@ def test_memory_bounded_over_200_snapshots(shm):
     gen = _snapstore.latest(base)
     assert gen.step == 200 and gen.seq == 200
     assert max(sizes) <= 2 * (len(gen.data) + len(gen.meta) + 4096)
-    _assert_bit_equal(_reference(200), restore(base)[1])
+    _assert_bit_equal(_snapchild.state_of(model, opt), decode(gen)[1])
 
 
 def test_ring_peers():
@@ -147,11 +158,15 @@ def agent(shm):
 
 
 def test_replicate_to_peer_agent_and_heal_after_local_loss(shm, agent):
-    """Node 0's trainer snapshots; its agent pushes to node 1; node 0's memory is lost; node 1 gives it back."""
+    """Node 0 snapshots; its agent pushes to node 1's agent (a process); node 0's memory is lost; node 1 gives it back."""
     endpoint, peer_root = agent
     base = f"{shm}/node0/rank0"
-    res = subprocess.run([*CHILD, "train", base, "4", "2"], capture_output=True, text=True, timeout=60)
-    assert res.returncode == 0, res.stderr[-3000:]
+    model, opt = _snapchild.build()
+    for step in range(1, 5):
+        _snapchild.train(model, opt, step)
+    snap = Snapshotter(base)
+    snap.capture(_snapchild.state_of(model, opt), 4)
+    snap.close()
     push_generation(endpoint, "job-token", "node0/rank0", _snapstore.latest(base))
     shutil.rmtree(f"{shm}/node0")  # the whole node is gone, its shared memory with it
     gen = fetch_generation(endpoint, "job-token", "node0/rank0")
@@ -160,6 +175,46 @@ def test_replicate_to_peer_agent_and_heal_after_local_loss(shm, agent):
 
     _assert_bit_equal(_reference(4), decode(gen)[1])
     assert sorted(os.listdir(f"{peer_root}/node0")) == ["rank0.0"]
+
+
+def _serve(root):
+    proc = subprocess.Popen([*CHILD, "serve", root, "job-token"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    return proc, proc.stdout.readline().strip()
+
+
+def test_node_lost_heals_from_next_good_peer(shm):
+    """Node 0's agent replicates to two peers (k=2); one peer's copy has a flipped byte; node 0 dies.
+
+    The recovery order (local, then peers) skips the gone local copy and the corrupt peer
+    (its copy fails the digest) and heals from the other peer, bit for bit.
+    """
+    (pa, ea), (pb, eb) = _serve(f"{shm}/a"), _serve(f"{shm}/b")
+    try:
+        rep = Replicator(f"{shm}/node0", ["rank0"], [ea, eb], "job-token")
+        res = subprocess.run([*CHILD, "train", f"{shm}/node0/rank0", "4", "2"], capture_output=True,
+                             text=True, timeout=60)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert rep.sync() == {}
+        top = _snapstore.latest(f"{shm}/node0/rank0")
+        assert top.step == 4 and rep.replicated_seq("rank0") == top.seq
+        assert rep.sync() == {} and rep.acked == {("rank0", ea): top.seq, ("rank0", eb): top.seq}
+        slot = _snapstore.latest(f"{shm}/a/rank0").path
+        with open(slot, "r+b") as f:
+            f.seek(-7, os.SEEK_END)
+            byte = f.read(1)
+            f.seek(-7, os.SEEK_END)
+            f.write(bytes([byte[0] ^ 1]))
+        shutil.rmtree(f"{shm}/node0")  # the node is gone: trainer, agent and its shared memory
+        gen, src = fetch_first([f"{shm}/node0", ea, eb], "job-token", "rank0", step=4)
+        assert src == eb and gen.step == 4
+        _assert_bit_equal(_reference(4), decode(gen)[1])
+        with pytest.raises(StateError, match=r"node0.*no complete generation.*fails its blake2b digest"):
+            fetch_first([f"{shm}/node0", ea], "job-token", "rank0", step=4)
+    finally:
+        for p in (pa, pb):
+            p.kill()
+            p.wait()
 
 
 def test_flipped_byte_refused_and_previous_replica_kept(shm, agent):

@@ -31,8 +31,8 @@ from typing import Any
 from mnemosyne.core.errors import CorruptStateError, MissingDependencyError, MnemosyneError, StateError
 from mnemosyne.jit import _snapstore
 
-__all__ = ["ReplicaServer", "ReplicationError", "curve_keys", "fetch_generation", "push_generation",
-           "ring_peers"]
+__all__ = ["ReplicaServer", "ReplicationError", "Replicator", "curve_keys", "fetch_first", "fetch_generation",
+           "push_generation", "ring_peers"]
 
 _HOLDER = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
 _VERSION = 1
@@ -241,3 +241,81 @@ def fetch_generation(endpoint: str, token: str, holder: str, timeout: float = 10
         raise CorruptStateError(msg)
     return _snapstore.Generation(int(ans["seq"]), int(ans["step"]), meta, data, dig,
                                  Path(f"{endpoint}/{holder}"))
+
+
+def fetch_first(sources: Sequence[str | Path], token: str, holder: str, step: int | None = None,
+                timeout: float = 10.0) -> tuple[_snapstore.Generation, str]:
+    """The first verified generation of ``holder`` among ``sources``, in order, and where it came from.
+
+    Recovery order for a holder: the local agent's copy (a folder path: ``<path>/<holder>``),
+    then peers (``tcp://`` endpoints). A source that fails (absent, a digest mismatch, no
+    answer, or a generation other than ``step`` when one is required) is skipped and the next
+    one tried.
+
+    Raises:
+        StateError: no source gave one; the message names every source and its cause.
+    """
+    causes = []
+    for src in sources:
+        where = str(src)
+        try:
+            if where.startswith("tcp://"):
+                gen = fetch_generation(where, token, holder, timeout)
+            else:
+                gen = _snapstore.latest(Path(src) / holder)
+            if step is not None and gen.step != step:
+                causes.append(f"{where}: holds step {gen.step}, expected step {step}")
+                continue
+            return gen, where
+        except (ReplicationError, StateError) as e:
+            causes.append(f"{where}: {e}")
+    msg = f"no source has a usable snapshot of {holder}: " + "; ".join(causes)
+    raise StateError(msg)
+
+
+class Replicator:
+    """The agent's sender: pushes each local holder's newest generation to its ring peers.
+
+    Args:
+        root: Folder of this node's holders (``<root>/<holder>.0|1``).
+        holders: Holder names (relative to ``root``) of this node's ranks.
+        peers: Endpoints of the ``k`` ring peers' :class:`ReplicaServer`.
+        token: The job's token.
+    """
+
+    def __init__(self, root: str | Path, holders: Sequence[str], peers: Sequence[str], token: str) -> None:
+        self.root = Path(root)
+        self.holders = [_check_holder(h) for h in holders]
+        self.peers = list(peers)
+        self.token = token
+        #: (holder, peer) -> seq of the newest generation that peer acknowledged.
+        self.acked: dict[tuple[str, str], int] = {}
+
+    def sync(self, timeout: float = 10.0) -> dict[str, str]:
+        """Push what is new; returns ``{"holder@peer": error}`` for every push that failed.
+
+        A holder's generation counts as replicated only once every peer acknowledged it
+        (stored and verified); the peer keeps its previous complete one until then.
+        """
+        errors: dict[str, str] = {}
+        for h in self.holders:
+            try:
+                gen = _snapstore.latest(self.root / h)
+            except StateError:
+                continue
+            for p in self.peers:
+                if self.acked.get((h, p), 0) >= gen.seq:
+                    continue
+                try:
+                    push_generation(p, self.token, h, gen, timeout)
+                    self.acked[(h, p)] = gen.seq
+                except ReplicationError as e:
+                    errors[f"{h}@{p}"] = str(e)
+        return errors
+
+    def replicated_seq(self, holder: str) -> int | None:
+        """Generation number of ``holder`` that every peer acknowledged, if any."""
+        if not self.peers:
+            return None
+        seqs = [self.acked.get((holder, p), 0) for p in self.peers]
+        return min(seqs) or None
