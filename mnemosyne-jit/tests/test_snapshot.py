@@ -158,7 +158,7 @@ def agent(shm):
 
 
 def test_replicate_to_peer_agent_and_heal_after_local_loss(shm, agent):
-    """Node 0 snapshots; its agent pushes to node 1's agent (a process); node 0's memory is lost; node 1 gives it back."""
+    """Node 0 snapshots; its agent pushes to node 1's agent (a process); node 0's memory is lost; node 1 heals it."""
     endpoint, peer_root = agent
     base = f"{shm}/node0/rank0"
     model, opt = _snapchild.build()
