@@ -251,3 +251,30 @@ def test_wrong_curve_key_refused(shm, agent):
     assert not os.path.exists(f"{peer_root}/n0")
     push_generation(endpoint, "job-token", "n0/r0", gen)  # the right key still works
     assert fetch_generation(endpoint, "job-token", "n0/r0").data == gen.data
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+def test_persisted_snapshot_is_a_verified_checkpoint_with_retention(shm, tmp_path):
+    from mnemosyne.jit import ckpt
+    from mnemosyne.jit._snappersist import Persister
+
+    base, root = f"{shm}/rank0", tmp_path / "ckpts"
+    model, opt = _snapchild.build()
+    snap = Snapshotter(base)
+    pers = Persister(base, root, keep=2)
+    assert pers.persist_once() is None  # nothing to persist yet: not an error
+    for step in range(1, 7):
+        snap.fence()
+        _snapchild.train(model, opt, step)
+        if step % 2 == 0:
+            snap.capture(_snapchild.state_of(model, opt), step)
+            snap.wait()
+            assert pers.persist_once() == root / ckpt.checkpoint_name(step)
+    assert pers.persist_once() is None  # step 6 is on disk already
+    assert [e.step for e in ckpt.list_checkpoints(root) if e.complete] == [4, 6]
+    r = subprocess.run([sys.executable, "-m", "mnemosyne.cli", "ckpt", "verify", str(pers.written[-1])],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("ok:"), r.stdout + r.stderr
+    state, manifest = ckpt.load(pers.written[-1])
+    assert manifest["step"] == 6 and manifest["meta"]["source"] == "snapshot"
+    _assert_bit_equal(_snapchild.state_of(model, opt), state)
