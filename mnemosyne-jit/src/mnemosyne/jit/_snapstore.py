@@ -123,13 +123,28 @@ def latest(base: str | os.PathLike[str], verify: bool = True) -> Generation:
     """The newest complete generation of holder ``base`` whose payload matches its digest.
 
     A slot whose payload fails the digest is skipped (the other slot is tried), so a
-    corrupted newest generation falls back to the previous one.
+    corrupted newest generation falls back to the previous one. A reader racing a writer
+    (the slot it read was overwritten two generations later) looks once more.
 
     Raises:
         StateError: the holder has no complete generation.
         CorruptStateError: every complete slot failed its digest (message names the files).
     """
     base = Path(base)
+    for attempt in (0, 1):
+        gen, bad = _scan(base, verify)
+        if gen is not None:
+            return gen
+        if not bad or attempt:
+            break
+    if bad:
+        msg = f"snapshot holder {base}: every complete generation fails its blake2b digest: {', '.join(bad)}"
+        raise CorruptStateError(msg)
+    msg = f"snapshot holder {base}: no complete generation (expected {base}.0 or {base}.1 from a snapshot)"
+    raise StateError(msg)
+
+
+def _scan(base: Path, verify: bool) -> tuple[Generation | None, list[str]]:
     bad = []
     for _seq, path in _complete_seqs(base):
         h = _read_head(path)
@@ -146,12 +161,8 @@ def latest(base: str | os.PathLike[str], verify: bool = True) -> Generation:
         if len(meta) != meta_len or got != data_len or (verify and digest(meta, data) != dig):
             bad.append(str(path))
             continue
-        return Generation(seq, step, meta, data, dig, path)
-    if bad:
-        msg = f"snapshot holder {base}: every complete generation fails its blake2b digest: {', '.join(bad)}"
-        raise CorruptStateError(msg)
-    msg = f"snapshot holder {base}: no complete generation (expected {base}.0 or {base}.1 from a snapshot)"
-    raise StateError(msg)
+        return Generation(seq, step, meta, data, dig, path), bad
+    return None, bad
 
 
 class SlotWriter:
