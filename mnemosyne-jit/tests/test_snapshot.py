@@ -64,6 +64,7 @@ def _assert_bit_equal(a, b, path=""):
         assert a == b and type(a) is type(b), path
 
 
+@pytest.mark.slow
 def test_trainer_snapshot_restores_bit_for_bit_after_it_exits(shm):
     """A trainer process snapshots in the background every 3 steps, then exits; its state comes back."""
     base = f"{shm}/rank0"
@@ -183,6 +184,7 @@ def _serve(root):
     return proc, proc.stdout.readline().strip()
 
 
+@pytest.mark.slow
 def test_node_lost_heals_from_next_good_peer(shm):
     """Node 0's agent replicates to two peers (k=2); one peer's copy has a flipped byte; node 0 dies.
 
@@ -253,6 +255,7 @@ def test_wrong_curve_key_refused(shm, agent):
     assert fetch_generation(endpoint, "job-token", "n0/r0").data == gen.data
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 def test_persisted_snapshot_is_a_verified_checkpoint_with_retention(shm, tmp_path):
     from mnemosyne.jit import ckpt
