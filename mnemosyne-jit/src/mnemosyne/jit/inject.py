@@ -7,7 +7,8 @@ picked up by each trainer's watchdog). Format, several plans separated by ``;``:
     rank=2,step=5,kind=kill,phase=forward
 
 Kinds: ``kill`` (SIGKILL self), ``hang`` (SIGSTOP self), ``exception`` (raise
-:class:`InjectedFault`), ``segfault`` (read address 0). Phases: ``forward`` (start of
+:class:`InjectedFault`), ``segfault`` (read address 0), ``exit`` (``os._exit(3)``: no exception, no cleanup), ``abort``
+(``abort()``, SIGABRT: how a CUDA sticky error or a failed C++ check ends a process). Phases: ``forward`` (start of
 the step body), ``backward`` (inside backward, right after the first gradient bucket's
 all-reduce was launched: reductions are in flight), ``allreduce`` (at the wait for the
 gradient reductions, before the optimizer update), ``optimizer`` (right
@@ -164,6 +165,10 @@ class Injector:
             os.kill(os.getpid(), signal.SIGSTOP)
         elif plan.kind == FaultKind.SEGFAULT:
             ctypes.string_at(0)
+        elif plan.kind == FaultKind.EXIT:
+            os._exit(3)
+        elif plan.kind == FaultKind.ABORT:
+            os.abort()
         else:
             msg = f"injected exception at step {plan.step}, phase {plan.phase}"
             raise InjectedFault(msg)
