@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     hangs = 0
     try:
         run = launch(args.out / "soak", steps=steps, inject=inject, timeout=timeout, spares=args.spares,
+                     launch_args=["--max-restarts", str(args.faults + 1)],
                      train_args=["--layers", "2", "--dim", "32", "--heads", "2", "--block", "16", "--vocab", "64",
                                  "--batch", "4", "--samples", "256", "--bucket-kb", "16",
                                  "--step-sleep", str(args.step_sleep)])
@@ -80,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         incs = incidents(run.events)
         done = [i for i in incs if i.complete]
         worst = max((i.total_s for i in done), default=0.0)
-        # A fault heals when its incident completed (every rank resumed) and the job then finished.
-        healed = sum(len(i.faults) for i in done) if run.returncode == 0 else 0
+        # A fault healed when its incident completed (every rank resumed); the exit status
+        # also needs the job to finish, equal to the fault-free run.
+        healed = sum(len(i.faults) for i in done)
         if run.returncode != 0:
             print(f"soak job exited with {run.returncode}:\n{run.output[-4000:]}", file=sys.stderr)
         else:

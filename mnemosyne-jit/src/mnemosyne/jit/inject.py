@@ -13,7 +13,8 @@ the step body), ``backward`` (inside backward, right after the first gradient bu
 all-reduce was launched: reductions are in flight), ``allreduce`` (at the wait for the
 gradient reductions, before the optimizer update), ``optimizer`` (right
 after the optimizer update, before the commit), ``recovery`` (inside a recovery that
-resumes at ``step``, when the state transfer starts).
+resumes at ``step``, when the state transfer starts), ``checkpoint`` (in a just-in-time checkpoint
+of committed step ``step``, right before this rank writes its part).
 
 A plan fires exactly once per job: the first process to reach it claims it with an
 atomic store counter, so the replacement of a killed rank does not fire it again.
@@ -39,7 +40,7 @@ __all__ = ["PHASES", "FaultPlan", "InjectedFault", "Injector", "parse_plans"]
 logger = logging.getLogger(__name__)
 
 #: Where a fault can fire.
-PHASES = ("forward", "backward", "allreduce", "optimizer", "recovery")
+PHASES = ("forward", "backward", "allreduce", "optimizer", "recovery", "checkpoint")
 
 
 class InjectedFault(MnemosyneError, RuntimeError):
