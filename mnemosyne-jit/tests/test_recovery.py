@@ -16,9 +16,7 @@ import pytest
 
 from mnemosyne.core.env import MNEMOSYNE_JIT_BACKEND
 from mnemosyne.core.events import EventKind, read_events
-from mnemosyne.jit.inject import parse_plans
-from mnemosyne.jit.summary import incidents
-from mnemosyne.jit.testing import TINY, compare_final_states, launch, started_pids
+from mnemosyne.jit.testing import TINY, check_recovered, launch, started_pids
 
 pytestmark = pytest.mark.slow
 
@@ -51,28 +49,7 @@ CASES = {
 
 
 def _check_recovered(run, reference, plan_text):
-    plans = parse_plans(plan_text)
-    assert run.returncode == 0, run.output[-4000:]
-    diffs = compare_final_states(reference.out, run.out, 4)
-    assert not diffs, diffs[:10]
-    faults = [e for e in run.events if e.kind == EventKind.FAULT]
-    assert sorted(e.fields["plan"] for e in faults) == sorted(p.to_text() for p in plans)  # each fired once
-    detects = [e for e in run.events if e.kind == EventKind.DETECT and e.rank == -1]
-    want_cause = {"kill": "kill", "hang": "hang", "exception": "exception", "segfault": "segfault"}
-    assert sorted(e.name for e in detects) == sorted(want_cause[p.kind] for p in plans)
-    redone = [e.fields["steps_redone"] for e in run.events if e.kind == EventKind.RECOVERED]
-    assert max(redone) <= 1
-    pids = run.pids()
-    faulted = {p.rank for p in plans}
-    for rank in range(4):
-        if rank in faulted:
-            assert len(pids[rank]) >= 2, pids
-        else:
-            assert len(pids[rank]) == 1, f"healthy rank {rank} was restarted: {pids}"
-    finals = {r: run.final(r)["pid"] for r in range(4)}
-    for rank in set(range(4)) - faulted:
-        assert finals[rank] == pids[rank][0]
-    return incidents(run.events)
+    return check_recovered(run, reference, plan_text)
 
 
 @pytest.mark.timeout(150)

@@ -229,6 +229,7 @@ def checkpoint_and_exit(job: Job, epoch: int, order: dict[str, Any]) -> NoReturn
             t.fields.update(top=plan.top, donors=plan.donors, receivers=plan.receivers)
         if plan.top >= 0 and job.rank in plan.donors:
             path = Path(order["dir"]) / ckpt.checkpoint_name(plan.top)
+            job.injector.maybe_fire(plan.top, "checkpoint")
             with phase(job.log, "ckpt", step=plan.top, path=str(path), writers=plan.donors) as t:
                 ckpt.write(path, job._state(), step=plan.top, rank=job.rank, world_size=job.world_size,
                            store=job.store.prefixed(f"jitckpt/e{epoch}"), writer_ranks=plan.donors,

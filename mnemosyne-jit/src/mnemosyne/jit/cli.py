@@ -17,6 +17,7 @@ from typing import Any
 
 from mnemosyne.core.env import MNEMOSYNE_INJECT
 from mnemosyne.core.errors import AuthError, ConfigError
+from mnemosyne.core.events import FaultKind
 from mnemosyne.jit.inject import PHASES
 
 __all__ = ["register_demo", "register_inject", "register_launch", "register_report", "store_note"]
@@ -279,7 +280,7 @@ def register_inject(sub: Any) -> None:
     p.add_argument("--job", default=None, help="job id (default: the only job running on this host)")
     p.add_argument("--rank", type=int, required=True)
     p.add_argument("--at-step", type=int, required=True, help="step index (0-based) at which the fault fires")
-    p.add_argument("--kind", choices=["kill", "hang", "exception", "segfault"], required=True)
+    p.add_argument("--kind", choices=list(FaultKind.ALL), required=True)
     p.add_argument("--phase", choices=list(PHASES), default="forward")
     p.add_argument("--token", default=None,
                    help="the job's store token (default: read from the job's info file, owner-only)")
@@ -299,8 +300,8 @@ def register_demo(sub: Any) -> None:
     p.add_argument("--steps", type=int, default=30, help="training steps (default 30)")
     p.add_argument("--kill-rank", type=int, default=2, help="rank to fault (default 2)")
     p.add_argument("--kill-step", type=int, default=None, help="step of the fault (default: middle)")
-    p.add_argument("--kind", choices=["kill", "hang", "exception", "segfault"], default="kill")
-    p.add_argument("--phase", choices=[x for x in PHASES if x != "recovery"], default="allreduce")
+    p.add_argument("--kind", choices=list(FaultKind.ALL), default="kill")
+    p.add_argument("--phase", choices=[x for x in PHASES if x not in ("recovery", "checkpoint")], default="allreduce")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the summary as JSON to FILE")
     p.add_argument("--workdir", default=None, help="folder for events and final states (default: a temp folder)")
     p.add_argument("--no-verify", action="store_true", help="skip the fault-free reference run")

@@ -7,12 +7,14 @@ picked up by each trainer's watchdog). Format, several plans separated by ``;``:
     rank=2,step=5,kind=kill,phase=forward
 
 Kinds: ``kill`` (SIGKILL self), ``hang`` (SIGSTOP self), ``exception`` (raise
-:class:`InjectedFault`), ``segfault`` (read address 0). Phases: ``forward`` (start of
+:class:`InjectedFault`), ``segfault`` (read address 0), ``exit`` (``os._exit(3)``: no exception, no cleanup), ``abort``
+(``abort()``, SIGABRT: how a CUDA sticky error or a failed C++ check ends a process). Phases: ``forward`` (start of
 the step body), ``backward`` (inside backward, right after the first gradient bucket's
 all-reduce was launched: reductions are in flight), ``allreduce`` (at the wait for the
 gradient reductions, before the optimizer update), ``optimizer`` (right
 after the optimizer update, before the commit), ``recovery`` (inside a recovery that
-resumes at ``step``, when the state transfer starts).
+resumes at ``step``, when the state transfer starts), ``checkpoint`` (in a just-in-time checkpoint
+of committed step ``step``, right before this rank writes its part).
 
 A plan fires exactly once per job: the first process to reach it claims it with an
 atomic store counter, so the replacement of a killed rank does not fire it again.
@@ -38,7 +40,7 @@ __all__ = ["PHASES", "FaultPlan", "InjectedFault", "Injector", "parse_plans"]
 logger = logging.getLogger(__name__)
 
 #: Where a fault can fire.
-PHASES = ("forward", "backward", "allreduce", "optimizer", "recovery")
+PHASES = ("forward", "backward", "allreduce", "optimizer", "recovery", "checkpoint")
 
 
 class InjectedFault(MnemosyneError, RuntimeError):
@@ -164,6 +166,10 @@ class Injector:
             os.kill(os.getpid(), signal.SIGSTOP)
         elif plan.kind == FaultKind.SEGFAULT:
             ctypes.string_at(0)
+        elif plan.kind == FaultKind.EXIT:
+            os._exit(3)
+        elif plan.kind == FaultKind.ABORT:
+            os.abort()
         else:
             msg = f"injected exception at step {plan.step}, phase {plan.phase}"
             raise InjectedFault(msg)

@@ -63,6 +63,7 @@ def incidents(events: list[Event]) -> list[Incident]:
     detects = [e for e in evs if e.kind == EventKind.DETECT and e.rank == -1]
     out: list[Incident] = []
     i = 0
+    after = float("-inf")  # the previous incident's last detection: its faults are not this one's
     while i < len(detects):
         first = detects[i]
         epoch_evs = [e for e in evs if e.kind == EventKind.EPOCH and e.ts >= first.ts]
@@ -83,7 +84,8 @@ def incidents(events: list[Event]) -> list[Incident]:
                 continue
             break
         i += len(group)
-        out.append(_incident(evs, group, last_epoch))
+        out.append(_incident(evs, group, last_epoch, after))
+        after = group[-1].ts
     return out
 
 
@@ -92,10 +94,10 @@ def _resumed_ts(evs: list[Event], epoch: int) -> float | None:
     return max(e.ts for e in rec) if rec else None
 
 
-def _incident(evs: list[Event], group: list[Event], last_epoch: Event) -> Incident:
+def _incident(evs: list[Event], group: list[Event], last_epoch: Event, after: float) -> Incident:
     inc = Incident()
     t_detect0 = group[0].ts
-    faults = [e for e in evs if e.kind == EventKind.FAULT and t_detect0 - 60 < e.ts <= group[-1].ts]
+    faults = [e for e in evs if e.kind == EventKind.FAULT and max(after, t_detect0 - 60) < e.ts <= group[-1].ts]
     # A death nobody announced (an external kill, an OOM kill) has no fault event: its
     # moment is the process's exit, which the agent times apart from noticing it.
     exits = [float(e.fields["exited_at"]) for e in group if e.fields.get("exited_at") is not None]

@@ -17,13 +17,21 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mnemosyne.core.events import Event, read_events
+from mnemosyne.core.events import Event, EventKind, read_events
 
-__all__ = ["JobRun", "compare_final_states", "flatten_state", "launch", "started_pids"]
+if TYPE_CHECKING:
+    from mnemosyne.jit.summary import Incident
+
+__all__ = ["DETECTED_AS", "JobRun", "alive", "check_recovered", "compare_final_states", "flatten_state", "launch",
+           "started_pids"]
+
+#: The agent's detect-event name for each injected fault kind.
+DETECTED_AS = {"kill": "kill", "hang": "hang", "exception": "exception", "segfault": "segfault", "exit": "exit",
+               "abort": "sigabrt"}
 
 #: Small demo model used by the tests (a step takes milliseconds on a CPU core).
 TINY = ["--layers", "2", "--dim", "32", "--heads", "2", "--block", "16", "--vocab", "64", "--batch", "4",
@@ -136,3 +144,52 @@ def compare_final_states(a: Path, b: Path, nproc: int, keys: Sequence[str] = ("m
         else:
             diffs += [f"rank {r} model{p} differs from rank 0" for p in flat if not _same(flat[p], ref0[p])]
     return diffs
+
+
+def check_recovered(run: JobRun, reference: JobRun, plan_text: str, nproc: int = 4) -> list[Incident]:
+    """Assert that ``run`` healed every fault of ``plan_text`` in place; return its incidents.
+
+    The job exited 0, its final state equals ``reference``'s bit for bit, every planned
+    fault fired exactly once and was detected as its kind, no recovery redid more than one
+    step, every faulted rank was replaced and every healthy rank kept its one process.
+
+    Raises:
+        AssertionError: What differs.
+    """
+    from mnemosyne.jit.inject import parse_plans
+    from mnemosyne.jit.summary import incidents
+
+    plans = parse_plans(plan_text)
+    assert run.returncode == 0, run.output[-4000:]
+    diffs = compare_final_states(reference.out, run.out, nproc)
+    assert not diffs, diffs[:10]
+    faults = [e for e in run.events if e.kind == EventKind.FAULT]
+    assert sorted(e.fields["plan"] for e in faults) == sorted(p.to_text() for p in plans)  # each fired once
+    detects = [e for e in run.events if e.kind == EventKind.DETECT and e.rank == -1]
+    assert sorted(e.name for e in detects) == sorted(DETECTED_AS[p.kind] for p in plans)
+    redone = [e.fields["steps_redone"] for e in run.events if e.kind == EventKind.RECOVERED]
+    assert max(redone) <= 1, redone
+    pids = run.pids()
+    faulted = {p.rank for p in plans}
+    for rank in range(nproc):
+        if rank in faulted:
+            assert len(pids[rank]) >= 2, pids
+        else:
+            assert len(pids[rank]) == 1, f"healthy rank {rank} was restarted: {pids}"
+    for rank in set(range(nproc)) - faulted:
+        assert run.final(rank)["pid"] == pids[rank][0]
+    return incidents(run.events)
+
+
+def alive(pids: Sequence[int]) -> list[int]:
+    """The ``pids`` still running (a zombie, dead but not yet reaped, does not count)."""
+    res = []
+    for pid in set(pids):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as fh:
+                stat = fh.read()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3] != b"Z":
+            res.append(pid)
+    return sorted(res)

@@ -53,7 +53,11 @@ class FaultKind:
     HANG = "hang"
     EXCEPTION = "exception"
     SEGFAULT = "segfault"
-    ALL = (KILL, HANG, EXCEPTION, SEGFAULT)
+    #: ``os._exit(3)``: the process leaves at once, with no exception and no cleanup.
+    EXIT = "exit"
+    #: ``abort()`` (SIGABRT): what a CUDA sticky error or a failed C++ assertion ends in.
+    ABORT = "abort"
+    ALL = (KILL, HANG, EXCEPTION, SEGFAULT, EXIT, ABORT)
 
 
 @dataclass
