@@ -126,3 +126,29 @@ def test_spare_killed_while_warming_then_a_rank_fault_heals(tmp_path, reference)
     run = JobRun(proc.returncode, tmp_path, _events(tmp_path), output.decode(errors="replace"))
     check_recovered(run, reference, plan)
     assert not any(e.name == "spare_ready" and e.fields.get("pid") == spare for e in run.events)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("kind", ["kill", "hang"])
+def test_a_writer_lost_during_the_checkpoint_stops_every_writer_within_seconds(tmp_path, kind):
+    """Rank 2 dies under --no-replace; rank 1 dies (or freezes: the agent ends it) while
+    writing the just-in-time checkpoint. The agent publishes that writer's death, so every
+    other writer fails within seconds naming rank 1 (not after its 120 s store timeout),
+    nothing is taken for good and no process is left."""
+    from mnemosyne.jit import ckpt
+
+    plan = f"rank=2,step=4,kind=kill,phase=forward;rank=1,step=3,kind={kind},phase=checkpoint"
+    root = tmp_path / "ckpts"
+    run = launch(tmp_path, steps=8, inject=plan, timeout=80, launch_args=["--no-replace", "--ckpt-dir", str(root)])
+    assert run.returncode not in (0, -9), run.output[-3000:]
+    fault = next(e for e in run.events if e.kind == EventKind.FAULT and e.fields.get("phase") == "checkpoint")
+    failed = [e for e in run.events if e.name == "ckpt_failed"]
+    assert {e.rank for e in failed} == {0, 3}, [(e.rank, e.fields) for e in failed]
+    for e in failed:
+        assert "rank 1" in e.fields["cause"] and "died" in e.fields["cause"], e.fields["cause"]
+        assert e.ts - fault.ts < 10.0, f"rank {e.rank} failed {e.ts - fault.ts:.1f} s after the fault"
+    assert not [c for c in ckpt.list_checkpoints(root) if c.complete] if root.exists() else True
+    gave_up = [e for e in run.events if e.name == "gave_up"]
+    assert gave_up and "checkpoint" in gave_up[-1].fields["why"], gave_up
+    time.sleep(1.0)
+    assert not alive(_children(tmp_path)), "processes left running"

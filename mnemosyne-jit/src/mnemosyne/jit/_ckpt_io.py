@@ -21,7 +21,7 @@ from typing import Any
 from mnemosyne.core.errors import MnemosyneError, MultiRankError, StoreTimeout
 from mnemosyne.core.store import Store
 
-__all__ = ["POLL", "causes", "describe_files", "fsync_path", "publish_failure", "published", "sha256",
+__all__ = ["POLL", "causes", "describe_files", "fsync_path", "publish_exit", "publish_failure", "published", "sha256",
            "size_mismatch", "wait_keys"]
 
 #: Seconds between two looks at the store while waiting for another writer.
@@ -70,6 +70,15 @@ def publish_failure(store: Store, rank: int, exc: BaseException) -> None:
         pass
 
 
+def publish_exit(store: Store, rank: int, returncode: int) -> None:
+    """The agent's report of a writer that exited before the checkpoint was committed.
+
+    Without it the other writers would wait for that writer's part until their timeout.
+    """
+    how = f"signal {-returncode}" if returncode < 0 else f"exit code {returncode}"
+    publish_failure(store, rank, ChildProcessError(f"the trainer died ({how}) while writing the checkpoint"))
+
+
 def causes(store: Store, writers: Sequence[int]) -> dict[int, str]:
     """Cause published by each writer that failed so far."""
     out = {}
@@ -98,18 +107,22 @@ def published(store: Store, rank: int, writers: Sequence[int], what: str) -> Ite
         raise MultiRankError(msg, found) from exc
 
 
-def wait_keys(store: Store, keys: Sequence[str], writers: Sequence[int], timeout: float, what: str) -> None:
+def wait_keys(store: Store, keys: Sequence[str], writers: Sequence[int], timeout: float, what: str,
+              fails: Store | None = None) -> None:
     """Wait until every key of ``keys`` is set.
+
+    ``fails`` is the view failures are published in (default ``store``).
 
     Raises:
         MultiRankError: A writer published a failure meanwhile (checked every :data:`POLL` s).
         StoreTimeout: ``timeout`` seconds passed.
     """
+    fails = store if fails is None else fails
     deadline = time.monotonic() + timeout
     while True:
-        if store.check([_FAILED]):
+        if fails.check([_FAILED]):
             msg = f"{what}: a writer failed; not committed"
-            raise MultiRankError(msg, causes(store, writers))
+            raise MultiRankError(msg, causes(fails, writers))
         if store.check(list(keys)):
             return
         if time.monotonic() >= deadline:

@@ -14,11 +14,24 @@ from pathlib import Path
 
 from mnemosyne.core.errors import MnemosyneError
 from mnemosyne.core.events import EventKind
+from mnemosyne.core.store import Store
+from mnemosyne.jit import _keys
+from mnemosyne.jit._ckpt_io import publish_exit
 from mnemosyne.jit._protocol import EXIT_CKPT, EXIT_JOB_CKPT
 
-__all__ = ["finish_checkpoint"]
+__all__ = ["finish_checkpoint", "writer_exited"]
 
 logger = logging.getLogger(__name__)
+
+
+def writer_exited(store: Store, epoch: int, rank: int, returncode: int) -> None:
+    """A survivor of the order of ``epoch`` exited: tell the other writers if it failed.
+
+    An exit other than :data:`EXIT_CKPT` (killed, crashed, or ended frozen by the agent) is
+    published at once, so the others stop waiting for its part and each fails naming it.
+    """
+    if returncode != EXIT_CKPT:
+        publish_exit(store.prefixed(_keys.jit_ckpt(epoch)), rank, returncode)
 
 
 def finish_checkpoint(root: Path, survivors: list[int], t0: float, codes: dict[int, int], job_id: str,

@@ -89,6 +89,14 @@ def comm_prefix(epoch: int) -> str:
     return f"comm/e{epoch}"
 
 
+def jit_ckpt(epoch: int) -> str:
+    """Store view of the writers of epoch ``epoch``'s just-in-time checkpoint.
+
+    The agent publishes a writer's death there (:func:`mnemosyne.jit._ckpt_io.publish_exit`).
+    """
+    return f"jitckpt/e{epoch}"
+
+
 def arrive(epoch: int) -> str:
     """Counter of members that reached the rendezvous of ``epoch``."""
     return f"e{epoch}/arrive"

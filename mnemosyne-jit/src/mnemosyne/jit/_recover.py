@@ -232,7 +232,7 @@ def checkpoint_and_exit(job: Job, epoch: int, order: dict[str, Any]) -> NoReturn
             job.injector.maybe_fire(plan.top, "checkpoint")
             with phase(job.log, "ckpt", step=plan.top, path=str(path), writers=plan.donors) as t:
                 ckpt.write(path, job._state(), step=plan.top, rank=job.rank, world_size=job.world_size,
-                           store=job.store.prefixed(f"jitckpt/e{epoch}"), writer_ranks=plan.donors,
+                           store=job.store.prefixed(_keys.jit_ckpt(epoch)), writer_ranks=plan.donors,
                            meta={"seed": job.seed, "epoch": epoch, "job": job.job_id},
                            timeout=job.timeout)
                 mine = path / f"shard-{job.rank:05d}"

@@ -65,7 +65,7 @@ from mnemosyne.core.store import Store
 from mnemosyne.jit import _keys, _recap
 from mnemosyne.jit._agent_config import AgentConfig, check_config, job_info_dir, read_token_file
 from mnemosyne.jit._agent_setup import open_store, write_info
-from mnemosyne.jit._ckpt_order import finish_checkpoint
+from mnemosyne.jit._ckpt_order import finish_checkpoint, writer_exited
 from mnemosyne.jit._coordinator import DEFAULT_CKPT_DIR, Coordinator, Decision, Failure, NodeView, Stop
 from mnemosyne.jit._health import HangWatch, classify_exit
 from mnemosyne.jit._protocol import EXIT_CKPT, EXIT_JOB_CKPT, EpochRecord, read_record
@@ -396,8 +396,8 @@ class Agent:
                 continue
             if self.ckpt_order is not None and st.rank in self.ckpt_order[2]:
                 st.finished = True  # a survivor done with the ordered checkpoint (or failed at it)
-                st.phase = "ckpt"
-                st.returncode = rc
+                st.phase, st.returncode = "ckpt", rc
+                writer_exited(self.store, self.ckpt_order[0], st.rank, rc)
                 continue
             if rc == 0 or self.all_done():
                 # A rank that dies after every rank reported done is not replaced:

@@ -149,16 +149,16 @@ def write(path: str | os.PathLike[str], state: Any, *, step: int, rank: int, wor
         msg = f"checkpoint {final} already exists; refusing to overwrite it"
         raise StateError(msg)
     note = progress or (lambda _: None)
-    # Keys under the checkpoint's name, so that two checkpoints sharing a store view never
-    # mix; the view itself must still be fresh per attempt (e.g. prefixed by epoch).
-    store = store.prefixed(f"ckpt/{final.name}")
+    # Keys under the checkpoint's name (two checkpoints sharing a view never mix); failures in the
+    # attempt's view, where the agent publishes a dead writer's (_ckpt_io.publish_exit).
+    fails, store = store, store.prefixed(f"ckpt/{final.name}")
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _named(state, tensors, "")
     names = sorted(tensors)
     specs = [spec_of(tensors[n]) for n in names]
     owner = dict(zip(names, assign_stripes(specs, writers), strict=True))
     what = f"checkpoint {final}"
-    with published(store, rank, writers, what):
+    with published(fails, rank, writers, what):
         # The first writer to arrive names the staging directory; the others adopt its id.
         sid = store.compare_set("id", b"", uuid.uuid4().hex[:12].encode()).decode()
         staging = final.with_name(f"{final.name}{STAGING_MARK}{sid}")
@@ -177,12 +177,13 @@ def write(path: str | os.PathLike[str], state: Any, *, step: int, rank: int, wor
         store.set(f"done/{rank}", json.dumps({"files": files}).encode())
     coordinator = writers[0]
     if rank == coordinator:
-        _commit(final, staging, store, writers, names, specs, owner, skeleton, step, world_size, meta, timeout, note)
+        _commit(final, staging, (store, fails), writers, names, specs, owner, skeleton, step, world_size, meta,
+                timeout, note)
     else:
         # The coordinator may spend ``timeout`` waiting for the last writer, then merge
         # and hash: wait for its verdict twice as long plus slack (a failure, published
         # by whichever writer hit it, ends the wait at once).
-        wait_keys(store, ["committed"], writers, 2 * timeout + 30.0, what)
+        wait_keys(store, ["committed"], writers, 2 * timeout + 30.0, what, fails)
         got = store.get("committed", 5.0).decode()
         if got != "ok":
             msg = f"checkpoint {final}: the coordinator (rank {coordinator}) failed to commit: {got}"
@@ -191,17 +192,18 @@ def write(path: str | os.PathLike[str], state: Any, *, step: int, rank: int, wor
     return final
 
 
-def _commit(final: Path, staging: Path, store: Store, writers: list[int], names: list[str], specs: list[TensorSpec],
-            owner: dict[str, int], skeleton: Any, step: int, world_size: int, meta: dict[str, Any] | None,
-            timeout: float, note: Callable[[str], None]) -> None:
+def _commit(final: Path, staging: Path, stores: tuple[Store, Store], writers: list[int], names: list[str],
+            specs: list[TensorSpec], owner: dict[str, int], skeleton: Any, step: int, world_size: int,
+            meta: dict[str, Any] | None, timeout: float, note: Callable[[str], None]) -> None:
+    store, fails = stores
     try:
-        wait_keys(store, [f"done/{r}" for r in writers], writers, timeout, f"checkpoint {final}")
+        wait_keys(store, [f"done/{r}" for r in writers], writers, timeout, f"checkpoint {final}", fails)
     except StoreTimeout as exc:
         missing = [r for r in writers if not store.check([f"done/{r}"])]
         store.set("committed", f"writers {missing} did not report".encode())
         msg = f"checkpoint {final}: writer ranks {missing} did not report within {timeout} s; not committed"
         raise StoreTimeout(msg) from exc
-    with published(store, writers[0], writers, f"checkpoint {final}"):
+    with published(fails, writers[0], writers, f"checkpoint {final}"):
         _merge_and_rename(final, staging, store, writers, names, specs, owner, skeleton, step, world_size, meta,
                           timeout, note)
 
