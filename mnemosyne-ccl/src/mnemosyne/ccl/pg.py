@@ -95,6 +95,21 @@ class FlexProcessGroup(dist.ProcessGroup):  # type: ignore[misc]
         self._watcher: threading.Thread | None = None
         self._wake = threading.Event()
         self._waiters: dict[int, tuple[FlexCommunicator, queue.SimpleQueue[Any]]] = {}
+        self._group_name = ""
+
+    # torch's C++ ``group_name`` reads it from a registered C++ backend, which this
+    # Python-level group has none of; DeviceMesh.from_group and the c10d registry only
+    # need the name, so it lives here.
+    @property
+    def group_name(self) -> str:
+        """Name under which the group is registered with ``torch.distributed`` (see mesh.py)."""
+        if not self._group_name:
+            msg = f"{self!r} has no group name: register it (mnemosyne.ccl.mesh) before handing it to a DeviceMesh"
+            raise ConfigError(msg)
+        return self._group_name
+
+    def _set_group_name(self, name: str) -> None:
+        self._group_name = name
 
     @property
     def comm(self) -> FlexCommunicator:
