@@ -110,7 +110,7 @@ class FlexMesh:
         self._layout = mesh_groups(self.shape, rank)
         _ensure_default_group(rank, self.world)
         self.groups: dict[str, FlexProcessGroup] = {}
-        for name, (gid, ranks) in zip(self.dim_names, self._layout, strict=True):
+        for name, (_, ranks) in zip(self.dim_names, self._layout, strict=True):
             comm = backend.create(store, rank, len(ranks), epoch=epoch, timeout=timeout, tag=self.tag(name),
                                   ranks=ranks)
             pg = FlexProcessGroup(comm)

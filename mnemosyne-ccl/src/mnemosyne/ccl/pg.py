@@ -269,6 +269,16 @@ class FlexProcessGroup(dist.ProcessGroup):  # type: ignore[misc]
         chunks = list(input.chunk(self._comm.size))
         return self._track(self._pg().reduce_scatter([output], [chunks], opts), [output])
 
+    # torch 2.13's c10d calls these names (dist.all_gather_single / reduce_scatter_single,
+    # what FSDP2 issues); older torch calls the underscore names above.
+    def all_gather_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> FlexWork:
+        """All-gather into one flat tensor (torch >= 2.13 name)."""
+        return self._allgather_base(output, input, opts)
+
+    def reduce_scatter_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> FlexWork:
+        """Reduce-scatter from one flat tensor (torch >= 2.13 name)."""
+        return self._reduce_scatter_base(output, input, opts)
+
     def barrier(self, opts: Any = None) -> FlexWork:
         """Barrier."""
         opts = opts if opts is not None else dist.BarrierOptions()

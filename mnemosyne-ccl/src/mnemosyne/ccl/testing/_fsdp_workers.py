@@ -203,10 +203,6 @@ def flex(cfg: dict[str, Any], store: Store) -> None:
 def main() -> int:
     """Entry point: ``python -m mnemosyne.ccl.testing._fsdp_workers '<json>'``."""
     cfg = json.loads(sys.argv[1])
-    import faulthandler
-
-    faulthandler.dump_traceback_later(25)
-    print('worker up', cfg['rank'], time.time(), file=sys.stderr, flush=True)
     store = StoreClient(cfg["addr"], cfg["job"], cfg["token"], timeout=TIMEOUT)
     try:
         {"plain": plain, "flex": flex}[cfg["scenario"]](cfg, store)
