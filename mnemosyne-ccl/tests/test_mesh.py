@@ -11,7 +11,7 @@ from mnemosyne.ccl.mesh import mesh_groups
 from mnemosyne.ccl.testing.harness import Harness
 from mnemosyne.core.errors import ConfigError
 
-pytestmark = pytest.mark.timeout(110)
+pytestmark = pytest.mark.timeout(115)
 
 MOD = "mnemosyne.ccl.testing._fsdp_workers"
 TOTAL = 4
@@ -36,10 +36,12 @@ def test_mesh_groups_layout_and_bad_input():
         mesh_groups((2, 0), 0)
 
 
-@pytest.mark.parametrize("shape", [[2, 2], [4]], ids=["hsdp2x2", "fsdp4"])
-def test_flex_mesh_trains_like_init_device_mesh(shape):
-    ref = _run("plain", shape)
-    got = _run("flex", shape)
+def test_flex_mesh_hsdp_trains_like_init_device_mesh():
+    # HSDP 2x2 covers both kinds of group (replicate all-reduce, shard all-gather and
+    # reduce-scatter); pure FSDP is the same code with one dimension.
+    ref = _run("plain", [2, 2])
+    got = _run("flex", [2, 2])
     assert got == ref
     # Not vacuous: the ranks hold different shards.
     assert ref[0] != ref[1]
+

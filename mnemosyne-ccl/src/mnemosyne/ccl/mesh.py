@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -111,19 +111,21 @@ class FlexMesh:
         _ensure_default_group(rank, self.world)
         self.groups: dict[str, FlexProcessGroup] = {}
         for name, (_, ranks) in zip(self.dim_names, self._layout, strict=True):
-            comm = backend.create(store, rank, len(ranks), epoch=epoch, timeout=timeout, tag=self.tag(name),
-                                  ranks=ranks)
-            pg = FlexProcessGroup(comm)
+            comm = backend.create(store, rank, len(ranks), epoch=epoch, timeout=timeout,  # type: ignore[call-arg]
+                                  tag=self.tag(name), ranks=ranks)
+            pg = FlexProcessGroup(comm)  # type: ignore[arg-type]
             pg._set_group_name(f"mnemosyne.{self.tag(name)}")
             c10d._register_pg_in_world(pg, backend_name=pg.getBackendName(), store=None,  # type: ignore[arg-type]
-                                       group_name=f"mnemosyne.{self.tag(name)}", backend_config="",
+                                       group_name=f"mnemosyne.{self.tag(name)}",  # type: ignore[arg-type]
+                                       backend_config="",
                                        rank_mapping={g: i for i, g in enumerate(ranks)})
             self.groups[name] = pg
         from torch.distributed.device_mesh import DeviceMesh
 
         grid = torch.arange(self.world, dtype=torch.int).reshape(self.shape)
         pgs = [self.groups[n] for n in self.dim_names]
-        self.mesh: Any = DeviceMesh.from_group(pgs if len(pgs) > 1 else pgs[0], device_type, mesh=grid,
+        self.mesh: Any = DeviceMesh.from_group(pgs if len(pgs) > 1 else pgs[0],  # type: ignore[arg-type]
+                                               device_type, mesh=grid,
                                                mesh_dim_names=self.dim_names)
 
     def tag(self, dim: str) -> str:
@@ -145,7 +147,7 @@ class FlexMesh:
             if not pg.comm.aborted:
                 pg.comm.fail(reason)
 
-    def repair(self, dead: Sequence[int], epoch: int) -> dict[str, list[str]]:
+    def repair(self, dead: Iterable[int], epoch: int) -> dict[str, list[str]]:
         """Rebuild, at ``epoch``, this rank's groups that hold a dead rank or were interrupted.
 
         Called by every survivor, while the replacements build a fresh
@@ -177,9 +179,9 @@ class FlexMesh:
             if why == "kept":
                 continue
             old.abort(f"repair of {self.tag(name)} to epoch {epoch}")
-            comm = self._backend.create(self._store, self.rank, len(ranks), epoch=epoch, timeout=self.timeout,
-                                        tag=self.tag(name), ranks=ranks)
-            pg.swap(comm)
+            comm = self._backend.create(self._store, self.rank, len(ranks), epoch=epoch,  # type: ignore[call-arg]
+                                        timeout=self.timeout, tag=self.tag(name), ranks=ranks)
+            pg.swap(comm)  # type: ignore[arg-type]
             old.close()
         logger.info("mesh repair to epoch %d (dead %s): %s", epoch, sorted(gone), out)
         return out
@@ -198,9 +200,10 @@ def _ensure_default_group(rank: int, world: int) -> None:
                    f"of {world}")
             raise ConfigError(msg)
         return
-    pg = _RankOnlyGroup(rank, world)
+    pg = _RankOnlyGroup(rank, world)  # type: ignore[call-arg]
     c10d._register_pg_in_world(pg, backend_name="mnemosyne-rank-only", store=None,  # type: ignore[arg-type]
-                               group_name="mnemosyne.default", backend_config="",
+                               group_name="mnemosyne.default",  # type: ignore[arg-type]
+                               backend_config="",
                                rank_mapping={i: i for i in range(world)})
     c10d._update_default_pg(pg)
     c10d._world.pg_group_ranks[pg] = {i: i for i in range(world)}
@@ -210,5 +213,5 @@ class _RankOnlyGroup(dist.ProcessGroup):  # type: ignore[misc]
     """Default group that answers rank and size only (its collectives have no backend and raise)."""
 
     @property
-    def group_name(self) -> str:
+    def group_name(self) -> str:  # type: ignore[override]
         return "mnemosyne.default"

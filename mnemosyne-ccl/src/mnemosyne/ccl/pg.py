@@ -101,7 +101,7 @@ class FlexProcessGroup(dist.ProcessGroup):  # type: ignore[misc]
     # Python-level group has none of; DeviceMesh.from_group and the c10d registry only
     # need the name, so it lives here.
     @property
-    def group_name(self) -> str:
+    def group_name(self) -> str:  # type: ignore[override]
         """Name under which the group is registered with ``torch.distributed`` (see mesh.py)."""
         if not self._group_name:
             msg = f"{self!r} has no group name: register it (mnemosyne.ccl.mesh) before handing it to a DeviceMesh"

@@ -12,6 +12,9 @@ Scenarios:
     replacement over the replicate group, and redo step ``k``. The replacement
     (``newcomer``) builds the model on meta, shards it, ``to_empty``, receives its shard
     and optimizer state from its replicate peer, and joins at step ``k``.
+    The fault half (``victim``) is NOT working yet: after the repair the redone step
+    crashes with ``gloo::EnforceNotMet`` (a collective mismatch: FSDP2's state after the
+    aborted step is likely half done on the survivors); no test runs it (issue 13).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ def _model() -> torch.nn.Module:
 def _shard(model: torch.nn.Module, mesh: Any) -> None:
     from torch.distributed.fsdp import fully_shard
 
-    for layer in model:
+    for layer in model.children():
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -71,7 +74,7 @@ def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, rank: int, step: i
 def _state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, p in model.named_parameters():
-        out[name] = p.to_local().flatten().tolist()
+        out[name] = _local(p).flatten().tolist()
         for k, v in sorted(opt.state[p].items()):
             t = v.to_local() if hasattr(v, "to_local") else v
             out[f"{name}/{k}"] = t.flatten().tolist()
@@ -93,12 +96,14 @@ def plain(cfg: dict[str, Any], store: Store) -> None:
     world = int(torch.tensor(shape).prod())
     # A real TCPStore (new_group needs more of the Store API than our adapter has).
     if rank == 0:
-        tcp = dist.TCPStore("127.0.0.1", 0, world, True, timeout=datetime.timedelta(seconds=TIMEOUT),
+        tcp = dist.TCPStore(  # type: ignore[attr-defined]
+            "127.0.0.1", 0, world, True, timeout=datetime.timedelta(seconds=TIMEOUT),
                              wait_for_workers=False)
         store.set("test/plain_port", str(tcp.port).encode())
     else:
         port = int(store.get("test/plain_port", TIMEOUT))
-        tcp = dist.TCPStore("127.0.0.1", port, world, False, timeout=datetime.timedelta(seconds=TIMEOUT))
+        tcp = dist.TCPStore(  # type: ignore[attr-defined]
+            "127.0.0.1", port, world, False, timeout=datetime.timedelta(seconds=TIMEOUT))
     dist.init_process_group("gloo", store=tcp, rank=rank, world_size=world)
     mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
     model = _model()
@@ -175,7 +180,7 @@ def flex(cfg: dict[str, Any], store: Store) -> None:
         _shard(model, fm.mesh)
         opt = _opt(model)
         if rank == victim and phase == "backward":
-            model[2].register_full_backward_pre_hook(lambda *_: _park(store, rank))
+            list(model.children())[2].register_full_backward_pre_hook(lambda *_: _park(store, rank))
     step = start
     while step < total:
         if rank == victim and step == k and phase == "forward":
