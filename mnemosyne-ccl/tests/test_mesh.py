@@ -45,3 +45,4 @@ def test_flex_mesh_hsdp_trains_like_init_device_mesh():
     # Not vacuous: the ranks hold different shards.
     assert ref[0] != ref[1]
 
+
