@@ -12,10 +12,9 @@ Scenarios:
     replacement over the replicate group, and redo step ``k``. The replacement
     (``newcomer``) builds the model on meta, shards it, ``to_empty``, receives its shard
     and optimizer state from its replicate peer, and joins at step ``k``.
-    The fault half (``victim``) is NOT working yet: after the repair, survivor rank 2
-    and the replacement (shard group {2, 3}) crash in the redone step with
-    ``gloo::EnforceNotMet ... 528 vs 68 ... collective mismatch`` (resharding every
-    FSDPModule after the abort did not change it); no test runs it (issue 13).
+    Phase ``forward`` heals bit-for-bit (test_mesh.py). Phase ``backward`` does not
+    yet: the replacement aborts in gloo (``EnforceNotMet``, a collective mismatch) in
+    its first step (issue 13).
 """
 
 from __future__ import annotations
@@ -144,12 +143,20 @@ def _send_shards(fm: Any, model: torch.nn.Module, opt: torch.optim.Optimizer, de
 
 
 def _reset_fsdp(model: torch.nn.Module) -> None:
-    """Drop what an aborted step left unsharded, so the redone step issues every all-gather again."""
+    """FSDP2's own recovery reset (torch 2.13 ``reset_iter_state`` on the root), minus dead works.
+
+    ``reset_iter_state`` waits on in-flight all-gathers; those of the aborted step belong
+    to the old communicator and fail, so they are dropped first.
+    """
     from torch.distributed.fsdp import FSDPModule
 
     for m in model.modules():
         if isinstance(m, FSDPModule):
-            m.reshard()
+            group = m._get_fsdp_state()._fsdp_param_group
+            if group is not None:
+                group._all_gather_result = None
+                group.comm_ctx.all_gather_state = None
+    model.reset_iter_state()  # type: ignore[operator]
 
 
 def _empty_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
