@@ -95,6 +95,21 @@ class FlexProcessGroup(dist.ProcessGroup):  # type: ignore[misc]
         self._watcher: threading.Thread | None = None
         self._wake = threading.Event()
         self._waiters: dict[int, tuple[FlexCommunicator, queue.SimpleQueue[Any]]] = {}
+        self._group_name = ""
+
+    # torch's C++ ``group_name`` reads it from a registered C++ backend, which this
+    # Python-level group has none of; DeviceMesh.from_group and the c10d registry only
+    # need the name, so it lives here.
+    @property
+    def group_name(self) -> str:  # type: ignore[override]
+        """Name under which the group is registered with ``torch.distributed`` (see mesh.py)."""
+        if not self._group_name:
+            msg = f"{self!r} has no group name: register it (mnemosyne.ccl.mesh) before handing it to a DeviceMesh"
+            raise ConfigError(msg)
+        return self._group_name
+
+    def _set_group_name(self, name: str) -> None:
+        self._group_name = name
 
     @property
     def comm(self) -> FlexCommunicator:
@@ -253,6 +268,16 @@ class FlexProcessGroup(dist.ProcessGroup):  # type: ignore[misc]
         opts = opts if opts is not None else dist.ReduceScatterOptions()
         chunks = list(input.chunk(self._comm.size))
         return self._track(self._pg().reduce_scatter([output], [chunks], opts), [output])
+
+    # torch 2.13's c10d calls these names (dist.all_gather_single / reduce_scatter_single,
+    # what FSDP2 issues); older torch calls the underscore names above.
+    def all_gather_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> FlexWork:
+        """All-gather into one flat tensor (torch >= 2.13 name)."""
+        return self._allgather_base(output, input, opts)
+
+    def reduce_scatter_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> FlexWork:
+        """Reduce-scatter from one flat tensor (torch >= 2.13 name)."""
+        return self._reduce_scatter_base(output, input, opts)
 
     def barrier(self, opts: Any = None) -> FlexWork:
         """Barrier."""
