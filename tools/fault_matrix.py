@@ -25,7 +25,7 @@ from mnemosyne.core.events import EventKind
 from mnemosyne.jit import ckpt
 from mnemosyne.jit.testing import JobRun, alive, check_recovered, launch, started_pids
 
-KINDS = ("kill", "hang", "segfault", "exception", "exit", "abort", "two-ranks")
+KINDS = ("kill", "hang", "stall", "segfault", "exception", "exit", "abort", "two-ranks")
 PHASES = ("first", "forward", "backward", "allreduce", "optimizer", "checkpoint", "recovery", "last")
 STEPS = 8
 MID = 4

@@ -90,6 +90,25 @@ def test_frozen_rank_found_within_a_second_under_cpu_load(tmp_path, reference):
 
 
 @pytest.mark.timeout(150)
+def test_stalled_rank_found_by_the_progress_timeout_under_cpu_load(tmp_path, reference):
+    """A main thread that stops while its heartbeat goes on is not frozen: under the same
+    load, it is found by the learned progress timeout (floor 5 s), as a hang, and healed."""
+    plan = "rank=2,step=4,kind=stall,phase=forward"
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 * (os.cpu_count() or 1))]
+    try:
+        run = launch(tmp_path, steps=STEPS, inject=plan, timeout=140)
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait(timeout=10)
+    incs = _check_recovered(run, reference, plan)
+    assert len(incs) == 1 and 4.5 < incs[0].phases_s["detect"] < 20.0, incs
+    suspected = [e for e in run.events if e.name == "hang_suspected"]
+    assert [e.fields["target_rank"] for e in suspected] == [2], [e.fields for e in suspected]
+    assert "no progress in forward of step 4" in suspected[0].fields["why"], suspected[0].fields
+
+
+@pytest.mark.timeout(150)
 def test_fallback_plain_torch_distributed_heals_bit_for_bit(tmp_path, reference):
     """MNEMOSYNE_JIT_BACKEND=torch: torch TCPStore + a fresh torch ProcessGroup per epoch.
 

@@ -8,7 +8,8 @@ picked up by each trainer's watchdog). Format, several plans separated by ``;``:
 
 Kinds: ``kill`` (SIGKILL self), ``hang`` (SIGSTOP self), ``exception`` (raise
 :class:`InjectedFault`), ``segfault`` (read address 0), ``exit`` (``os._exit(3)``: no exception, no cleanup), ``abort``
-(``abort()``, SIGABRT: how a CUDA sticky error or a failed C++ check ends a process). Phases: ``forward`` (start of
+(``abort()``, SIGABRT: how a CUDA sticky error or a failed C++ check ends a process), ``stall`` (the main thread
+sleeps for ever while the heartbeat goes on: a deadlock in user code). Phases: ``forward`` (start of
 the step body), ``backward`` (inside backward, right after the first gradient bucket's
 all-reduce was launched: reductions are in flight), ``allreduce`` (at the wait for the
 gradient reductions, before the optimizer update), ``optimizer`` (right
@@ -28,6 +29,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass
 
 from mnemosyne.core.errors import ConfigError, MnemosyneError
@@ -170,6 +172,9 @@ class Injector:
             os._exit(3)
         elif plan.kind == FaultKind.ABORT:
             os.abort()
+        elif plan.kind == FaultKind.STALL:
+            while True:  # the watchdog thread keeps heartbeating; the agent's progress timeout ends this
+                time.sleep(3600)
         else:
             msg = f"injected exception at step {plan.step}, phase {plan.phase}"
             raise InjectedFault(msg)

@@ -24,13 +24,11 @@ import json
 import os
 import sys
 import time
-import traceback
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from mnemosyne.ccl.store_client import StoreClient
 from mnemosyne.core.store import Store
 
 TIMEOUT = 60.0
@@ -225,14 +223,9 @@ def flex(cfg: dict[str, Any], store: Store) -> None:
 
 def main() -> int:
     """Entry point: ``python -m mnemosyne.ccl.testing._fsdp_workers '<json>'``."""
-    cfg = json.loads(sys.argv[1])
-    store = StoreClient(cfg["addr"], cfg["job"], cfg["token"], timeout=TIMEOUT)
-    try:
-        {"plain": plain, "flex": flex}[cfg["scenario"]](cfg, store)
-    except BaseException:
-        _put(store, f"test/crash/{cfg['rank']}/{os.getpid()}", traceback.format_exc())
-        raise
-    return 0
+    from mnemosyne.ccl.testing._workers import run
+
+    return run({"plain": plain, "flex": flex})
 
 
 if __name__ == "__main__":

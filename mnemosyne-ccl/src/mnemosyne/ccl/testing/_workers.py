@@ -22,6 +22,7 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -154,16 +155,21 @@ def ddp(cfg: dict[str, Any], store: Store) -> None:
     comm.close()
 
 
-def main() -> int:
-    """Entry point: ``python -m mnemosyne.ccl.testing._workers '<json>'``."""
+def run(scenarios: dict[str, Callable[[dict[str, Any], Store], None]]) -> int:
+    """Run the scenario named by the JSON config in ``sys.argv[1]``; a crash's traceback goes to the store."""
     cfg = json.loads(sys.argv[1])
     store = StoreClient(cfg["addr"], cfg["job"], cfg["token"], timeout=TIMEOUT)
     try:
-        {"faults": faults, "ddp": ddp}[cfg["scenario"]](cfg, store)
+        scenarios[cfg["scenario"]](cfg, store)
     except BaseException:
         _put(store, f"test/crash/{cfg['rank']}/{os.getpid()}", traceback.format_exc())
         raise
     return 0
+
+
+def main() -> int:
+    """Entry point: ``python -m mnemosyne.ccl.testing._workers '<json>'``."""
+    return run({"faults": faults, "ddp": ddp})
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ __all__ = ["DETECTED_AS", "JobRun", "alive", "check_recovered", "compare_final_s
 
 #: The agent's detect-event name for each injected fault kind.
 DETECTED_AS = {"kill": "kill", "hang": "hang", "exception": "exception", "segfault": "segfault", "exit": "exit",
-               "abort": "sigabrt"}
+               "abort": "sigabrt", "stall": "hang"}
 
 #: Small demo model used by the tests (a step takes milliseconds on a CPU core).
 TINY = ["--layers", "2", "--dim", "32", "--heads", "2", "--block", "16", "--vocab", "64", "--batch", "4",

@@ -57,7 +57,10 @@ class FaultKind:
     EXIT = "exit"
     #: ``abort()`` (SIGABRT): what a CUDA sticky error or a failed C++ assertion ends in.
     ABORT = "abort"
-    ALL = (KILL, HANG, EXCEPTION, SEGFAULT, EXIT, ABORT)
+    #: The main thread stops making progress while its heartbeat thread goes on (a deadlock
+    #: in user code, a stuck data loader): found by the progress timeout, not as frozen.
+    STALL = "stall"
+    ALL = (KILL, HANG, EXCEPTION, SEGFAULT, EXIT, ABORT, STALL)
 
 
 @dataclass
