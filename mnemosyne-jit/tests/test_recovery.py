@@ -70,18 +70,23 @@ def test_fault_heals_in_place_bit_for_bit(tmp_path, reference, case):
     assert max(e.duration_s for e in repairs) < 30, [(e.rank, e.duration_s) for e in repairs]
 
 
+def _launch_under_load(tmp_path, plan):
+    """``launch`` while two busy loops per core slow every step."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 * (os.cpu_count() or 1))]
+    try:
+        return launch(tmp_path, steps=STEPS, inject=plan, timeout=140)
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait(timeout=10)
+
+
 @pytest.mark.timeout(150)
 def test_frozen_rank_found_within_a_second_under_cpu_load(tmp_path, reference):
     """Two busy loops per core slow every step; a SIGSTOPped rank is still found frozen in < 1 s
     (from the process table) and is the only rank suspected: no false alarm from slow heartbeats."""
     plan = "rank=1,step=4,kind=hang,phase=forward"
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 * (os.cpu_count() or 1))]
-    try:
-        run = launch(tmp_path, steps=STEPS, inject=plan, timeout=140)
-    finally:
-        for h in hogs:
-            h.kill()
-            h.wait(timeout=10)
+    run = _launch_under_load(tmp_path, plan)
     incs = _check_recovered(run, reference, plan)
     assert len(incs) == 1 and incs[0].phases_s["detect"] < 1.0, incs
     suspected = [e for e in run.events if e.name == "hang_suspected"]
@@ -94,13 +99,7 @@ def test_stalled_rank_found_by_the_progress_timeout_under_cpu_load(tmp_path, ref
     """A main thread that stops while its heartbeat goes on is not frozen: under the same
     load, it is found by the learned progress timeout (floor 5 s), as a hang, and healed."""
     plan = "rank=2,step=4,kind=stall,phase=forward"
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 * (os.cpu_count() or 1))]
-    try:
-        run = launch(tmp_path, steps=STEPS, inject=plan, timeout=140)
-    finally:
-        for h in hogs:
-            h.kill()
-            h.wait(timeout=10)
+    run = _launch_under_load(tmp_path, plan)
     incs = _check_recovered(run, reference, plan)
     assert len(incs) == 1 and 4.5 < incs[0].phases_s["detect"] < 20.0, incs
     suspected = [e for e in run.events if e.name == "hang_suspected"]
