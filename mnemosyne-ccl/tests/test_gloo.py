@@ -3,6 +3,7 @@
 The multi-process, real-SIGKILL cases live in test_faults.py.
 """
 
+import gc
 import threading
 import time
 
@@ -135,6 +136,37 @@ def test_signal_abort_from_outside_reaches_every_member(store):
         return "raised"
 
     assert run_ranks(3, body) == ["agent", "raised", "raised"]
+
+
+def test_an_interrupted_rebuild_releases_the_old_group_off_the_callers_thread(store):
+    # Seen in a 4-rank job (two ranks lost at once): the rebuild to epoch 1 was aborted by
+    # the next epoch; the old group, left with a collective in flight, was then freed with
+    # the exception's traceback, in the trainer's main thread, whose ProcessGroupGloo
+    # destructor waited for that collective up to the group's timeout: the job hung.
+    done = threading.Event()
+
+    def body(r):
+        c = GlooBackend().create(store, r, 2, timeout=30)
+        if r == 0:  # alive, its socket open, but never joins rank 1's all_reduce
+            done.wait(25)
+            c.close()
+            return "peer"
+        work = c.all_reduce(torch.ones(1), async_op=True)
+        threading.Timer(0.5, signal_abort, args=(store, 1, "membership epoch 2 published")).start()
+        t0 = time.monotonic()
+        try:
+            with pytest.raises(CommAborted, match="epoch 2 published"):
+                c.rebuild()  # rank 0 never comes: only the abort ends the build
+            del c, work  # the last references: nothing may now wait for the stuck all_reduce
+            gc.collect()
+            return time.monotonic() - t0
+        finally:
+            done.set()
+
+    res = run_ranks(2, body)
+    assert res[0] == "peer"
+    assert not isinstance(res[1], Exception), res[1]
+    assert 0.4 < res[1] < 5.0, res[1]  # the abort after 0.5 s; the old group's timeout is 30 s
 
 
 def test_rebuild_and_shrink_grow_keep_logical_ranks(store):

@@ -326,10 +326,16 @@ class FlexCommunicator(ABC):
         advance_epoch(self._store, self.tag, epoch)
         agree_members(self._store, self.tag, epoch, order)
         started = time.perf_counter()
-        comm = self._make(what, order, epoch, dead=dead, new=new)
+        try:
+            comm = self._make(what, order, epoch, dead=dead, new=new)
+        finally:
+            # Released whether the build succeeded or not: a build that a newer epoch
+            # interrupted leaves this group just as finished, and if it were released
+            # with the last reference instead (the exception's traceback, dropped by the
+            # caller), its destructor would wait for stuck work in the caller's thread.
+            self._retire()
         logger.info("%s: %s to epoch %d (ranks %s) in %.3f s", self.tag, what, epoch, list(comm.ranks),
                     time.perf_counter() - started)
-        self._retire()
         return comm
 
     @abstractmethod
