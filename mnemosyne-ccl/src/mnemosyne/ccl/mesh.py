@@ -176,15 +176,42 @@ class FlexMesh:
             cut = old.aborted or old._remote_abort() is not None
             why = "dead" if gone.intersection(ranks) else "interrupted" if cut else "kept"
             out[why].append(self.tag(name))
-            if why == "kept":
-                continue
-            old.abort(f"repair of {self.tag(name)} to epoch {epoch}")
-            comm = self._backend.create(self._store, self.rank, len(ranks), epoch=epoch,  # type: ignore[call-arg]
-                                        timeout=self.timeout, tag=self.tag(name), ranks=ranks)
-            pg.swap(comm)  # type: ignore[arg-type]
-            old.close()
+            if why != "kept":
+                self.rebuild(name, epoch)
         logger.info("mesh repair to epoch %d (dead %s): %s", epoch, sorted(gone), out)
         return out
+
+    def rebuild(self, dim: str, epoch: int) -> None:
+        """Build this rank's ``dim`` group afresh at ``epoch`` (collective over the group) and swap it in.
+
+        Every member of the group calls it with the same ``epoch``; a replacement builds
+        the group as part of a new :class:`FlexMesh` at that epoch instead.
+        """
+        pg, ranks = self.groups[dim], self.ranks(dim)
+        old = pg.comm
+        old.abort(f"repair of {self.tag(dim)} to epoch {epoch}")
+        comm = self._backend.create(self._store, self.rank, len(ranks), epoch=epoch,  # type: ignore[call-arg]
+                                    timeout=self.timeout, tag=self.tag(dim), ranks=ranks)
+        pg.swap(comm)  # type: ignore[arg-type]
+        old.close()
+
+    def fence(self, reason: str) -> None:
+        """Fence every group (:meth:`FlexProcessGroup.fence`): in-flight collectives fail, none starts."""
+        for pg in self.groups.values():
+            pg.fence(reason)
+
+    def report(self, dim: str) -> dict[str, Any]:
+        """What the members of this rank's ``dim`` group compare to decide if it is intact.
+
+        ``epoch`` of its communicator, collectives ``issued`` on it, and ``cut``: a
+        collective was cut off by a fence, or the communicator was aborted or saw a
+        peer's failure. The group is intact when every member reports the same epoch and
+        count and none is cut.
+        """
+        pg = self.groups[dim]
+        comm = pg.comm
+        cut = pg.cut or comm.aborted or comm._remote_abort() is not None
+        return {"epoch": comm.epoch, "issued": pg.issued, "cut": bool(cut)}
 
     def close(self) -> None:
         """Close every group's communicator."""

@@ -96,6 +96,12 @@ class FlexProcessGroup(dist.ProcessGroup):  # type: ignore[misc]
         self._wake = threading.Event()
         self._waiters: dict[int, tuple[FlexCommunicator, queue.SimpleQueue[Any]]] = {}
         self._group_name = ""
+        self._fence: str | None = None
+        #: Collectives issued on the current communicator (reset by :meth:`swap`).
+        self.issued = 0
+        #: Whether a collective on the current communicator was cut off by :meth:`fence`
+        #: before it completed (its transport may be out of step with its peers').
+        self.cut = False
 
     # torch's C++ ``group_name`` reads it from a registered C++ backend, which this
     # Python-level group has none of; DeviceMesh.from_group and the c10d registry only
@@ -128,7 +134,33 @@ class FlexProcessGroup(dist.ProcessGroup):  # type: ignore[misc]
                    f"with size {self._comm.size}, rank {self._comm.physical_rank}: build a new FlexProcessGroup")
             raise ConfigError(msg)
         self._fail_pending(CommAborted(f"process group swapped to epoch {comm.epoch}"))
-        self._comm = comm
+        with self._lock:
+            self._comm = comm
+            self.issued, self.cut, self._fence = 0, False, None
+
+    def fence(self, reason: str) -> None:
+        """Stop using the communicator without aborting it (a recovery is starting).
+
+        Pending collectives fail at once with :class:`CommAborted` (``reason``) and mark
+        the group :attr:`cut`; collectives issued later fail before they reach the
+        transport, so a group that had nothing in flight stays usable: :meth:`unfence`
+        it when every member agrees it is intact, or :meth:`swap` in a rebuilt one.
+        """
+        with self._lock:
+            self._fence = reason
+            if self._pending:
+                self.cut = True
+        self._fail_pending(CommAborted(reason))
+
+    def unfence(self) -> None:
+        """Use the current communicator again (see :meth:`fence`)."""
+        with self._lock:
+            self._fence = None
+
+    @property
+    def fenced(self) -> bool:
+        """Whether :meth:`fence` was called since the last :meth:`unfence` or :meth:`swap`."""
+        return self._fence is not None
 
     def getBackendName(self) -> str:
         """Backend name reported to torch."""
@@ -148,6 +180,11 @@ class FlexProcessGroup(dist.ProcessGroup):  # type: ignore[misc]
             op_id = self._next_id
             self._next_id += 1
             self._pending[op_id] = (fut, comm, result)
+            self.issued += 1
+            fenced = self._fence
+        if fenced is not None:  # fenced between _pg() and here: this one is cut too
+            self.cut = True
+            self._fail_pending(CommAborted(fenced))
 
         def _done(err: str | None) -> None:
             with self._lock:
@@ -218,6 +255,8 @@ class FlexProcessGroup(dist.ProcessGroup):  # type: ignore[misc]
                 fut.set_result(("err", f"{type(err).__name__}: {err}"))
 
     def _pg(self) -> Any:
+        if self._fence is not None:
+            raise CommAborted(self._fence)
         self._comm._raise_if_aborted()
         return self._comm.process_group  # type: ignore[attr-defined]
 

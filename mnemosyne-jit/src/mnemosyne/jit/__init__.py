@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from mnemosyne.jit.__about__ import __version__
 
 if TYPE_CHECKING:
+    from mnemosyne.jit._mesh import device_mesh
     from mnemosyne.jit._protocol import EXIT_EXCEPTION
     from mnemosyne.jit._step import Step
     from mnemosyne.jit.data import ResumableSampler
@@ -30,6 +31,7 @@ __all__ = [
     "ResumableSampler",
     "Step",
     "__version__",
+    "device_mesh",
     "init",
     "joining",
     "parse_plans",
@@ -37,6 +39,7 @@ __all__ = [
 
 # Public name -> module that defines it.
 _LAZY = {
+    "device_mesh": "mnemosyne.jit._mesh",
     "EXIT_EXCEPTION": "mnemosyne.jit._protocol",
     "FaultPlan": "mnemosyne.jit.inject",
     "InjectedFault": "mnemosyne.jit.inject",

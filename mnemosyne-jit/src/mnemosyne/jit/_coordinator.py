@@ -234,11 +234,13 @@ class Coordinator:
         if not fresh or self.ckpt_ordered:
             return None
         names = ", ".join(f"rank {r} {f.cause}" for r, f in sorted(fresh.items()))
-        usage = [f for f in fresh.values() if f.detail.get("type") == "ConfigError"]
+        usage = [f for f in fresh.values() if f.detail.get("type") in ("ConfigError", "StateLostError")]
         if usage:
-            # A usage error (bad script for the options given) recurs in every replacement.
+            # A usage error (bad script for the options given) recurs in every replacement;
+            # state that no live process holds cannot come back by replacing anyone.
             f = usage[0]
-            return Stop(f"rank {f.rank} stopped on a usage error, which a replacement would repeat: "
+            why = "lost state" if f.detail.get("type") == "StateLostError" else "a usage error"
+            return Stop(f"rank {f.rank} stopped on {why}, which a replacement would repeat: "
                         f"{f.detail.get('error')}")
         self.nodes[self.node].ready = view.ready
         self.restarts += len(fresh)

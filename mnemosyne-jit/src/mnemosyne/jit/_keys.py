@@ -107,6 +107,11 @@ def committed(epoch: int, rank: int) -> str:
     return f"e{epoch}/agree/{rank}"
 
 
+def mesh_report(epoch: int, tag: str, rank: int) -> str:
+    """What ``rank`` reports about its mesh group ``tag`` in the recovery of ``epoch`` (JSON)."""
+    return f"e{epoch}/mesh/{tag}/{rank}"
+
+
 def xfer_meta(epoch: int) -> str:
     """Layout of the state that donors send in ``epoch`` (JSON)."""
     return f"e{epoch}/xfer/meta"

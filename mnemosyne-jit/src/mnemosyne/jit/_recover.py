@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from mnemosyne.core.comm import Communicator
-from mnemosyne.core.errors import CommError, ConfigError, RecoveryError
+from mnemosyne.core.errors import CommError, ConfigError, RecoveryError, StateLostError
 from mnemosyne.core.events import EventKind, phase
 from mnemosyne.jit import _keys
 from mnemosyne.jit._gradsync import GradSync
@@ -79,6 +79,8 @@ def recover(job: Job, first: bool) -> None:
         ranks = _membership(job, ctx)
         try:
             plan = _attempt(job, ctx, ranks, first)
+        except StateLostError as exc:  # every member sees it: the agent stops the job
+            job._die_of_exception(job._st.started, exc)
         except Exception as exc:
             # A recovery that another failure interrupts must start over at the next epoch,
             # whatever the symptom (a peer's socket, a store wait, torch's RuntimeError):
@@ -127,9 +129,14 @@ def _attempt(job: Job, ctx: RecoveryContext, ranks: list[int], first: bool) -> A
         job._die_of_exception(job._st.started, exc)
     with phase(job.log, "transfer", first=first) as t:
         info: dict[str, Any] = {}
-        received, nbytes = transfer(comm, ctx.rv, plan, job.device, job._state,
+        xcomm, xplan, xrv = comm, plan, ctx.rv
+        if job._mesh is not None:  # a shard's state moves inside its replicate group only
+            xcomm, xplan, tag = job._mesh.replica_plan(plan)
+            xrv = job._mesh.scoped(ctx.rv, tag)
+            t.fields.update(group=tag)
+        received, nbytes = transfer(xcomm, xrv, xplan, job.device, job._state,
                                     local=job._local_state if job.proxy is not None else None, report=info)
-        t.fields.update(bytes=nbytes, donors=len(plan.donors), receivers=len(plan.receivers),
+        t.fields.update(bytes=nbytes, donors=len(xplan.donors), receivers=len(xplan.receivers),
                         role=info["role"] if info["role"] != "none" else "donor")
         if job.proxy is not None:
             t.fields.update(kept_bytes=info["kept_bytes"], heavy_bytes=info["heavy_bytes"])
@@ -157,6 +164,10 @@ def _repair(job: Job, ctx: RecoveryContext, ranks: list[int], first: bool) -> tu
         msg = f"epoch record {ctx.epoch} names no mnemosyne-ccl communicator epoch (a torch-only agent published it?)"
         raise RecoveryError(msg)
     rv = ctx.rv
+    if job._mesh is not None:  # FSDP2/HSDP: repair only the groups that need it (mnemosyne.jit._mesh)
+        mcomm, groups = job._mesh.repair(rv, dict(job._record.membership.members))
+        job.log.emit(EventKind.INFO, "mesh_repair", None, **groups)
+        return mcomm, "mesh"  # type: ignore[return-value]
     comm = job._backend.repair(old, rv.store, rv.rank, ranks, epoch=target, joining=first and rv.epoch > 0,
                                timeout=rv.timeout, interrupt=rv.interrupt)
     return comm, job._backend.last_repair
@@ -169,8 +180,9 @@ def _resumed(job: Job, plan: Agreement, ranks: list[int], first: bool, t0: float
     job._st = job._st.recovered()
     # Divide by the data-parallel world, not by the members present: while shrunk,
     # hosts' gradients hold several ranks' micro-batches (identical to comm.size otherwise).
-    job._gradsync = GradSync(list(job.model.parameters()), job.bucket_bytes, world_size=job.world_size,
-                             comm=job._comm, on_launch=job._on_launch)
+    if job._mesh is None:  # FSDP2 reduces its own gradients
+        job._gradsync = GradSync(list(job.model.parameters()), job.bucket_bytes, world_size=job.world_size,
+                                 comm=job._comm, on_launch=job._on_launch)
     job.data_ranks = assign_data_ranks(job.world_size, ranks)[job.rank]
     job.members = list(ranks)
     job._set_pos(job.next_step, "boundary")

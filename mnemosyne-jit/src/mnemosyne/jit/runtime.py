@@ -81,6 +81,7 @@ from mnemosyne.core.state import Stateful
 from mnemosyne.jit import _keys
 from mnemosyne.jit._epochs import EpochWatch
 from mnemosyne.jit._gradsync import DEFAULT_BUCKET_BYTES, GradSync
+from mnemosyne.jit._mesh import job_mesh
 from mnemosyne.jit._protocol import EXIT_CKPT, EXIT_EXCEPTION, read_record
 from mnemosyne.jit._recover import finish, recover, resume_from
 from mnemosyne.jit._recovery import NO_STATE
@@ -118,7 +119,8 @@ class Job:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, scheduler: Any = None,
                  seed: int | None = 0, extra: Mapping[str, Stateful] | None = None,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, log_steps: bool = False, timeout: float = 120.0) -> None:
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, log_steps: bool = False, timeout: float = 120.0,
+                 mesh: Any = None) -> None:
         job_id = env_str(MNEMOSYNE_JOB_ID)
         addr = env_str(MNEMOSYNE_STORE_ADDR)
         rank = env_int(MNEMOSYNE_RANK)
@@ -166,6 +168,7 @@ class Job:
         self.next_step = 0
         self.recoveries = 0
         self._gradsync: GradSync | None = None
+        self._mesh = job_mesh(mesh).attach(model, self._on_launch) if mesh is not None else None  # FSDP2/HSDP
         #: Epochs seen by the watchdog, the current communicator, the recovery interrupt.
         self._watch = EpochWatch(start_epoch, self.logger)
         self._interrupt = self._watch.interrupt
@@ -308,7 +311,7 @@ class Job:
         k = self._st.started
         if self._st.synced == k:
             return
-        if self._gradsync is None or self._comm is None:
+        if (self._gradsync is None and self._mesh is None) or self._comm is None:
             msg = "gradient sync outside a step or before the job is ready"
             raise RecoveryError(msg)
         self._set_pos(k, "allreduce", coll=True)
@@ -316,7 +319,7 @@ class Job:
         self.injector.maybe_fire(k, "allreduce")
         # One wait for every bucket (each wait returns once its reduction completed, on
         # the device too, or raises if the communicator was aborted meanwhile).
-        self._gradsync.sync()
+        self._mesh.consensus() if self._mesh is not None else self._gradsync.sync()  # type: ignore[union-attr]
         if self._comm.aborted:
             msg = f"communicator of epoch {self.epoch} aborted during the gradient reduction"
             raise CommError(msg)
@@ -390,6 +393,8 @@ class Job:
             # Reductions of this step may still be in flight: no gradient may stay a view
             # of buffers that abandoned work can write (a new GradSync comes with the repair).
             self._gradsync.close()
+        if self._mesh is not None:
+            self._mesh.discard(self.model)
         for p in self.model.parameters():
             if p.grad is not None:
                 if self._st.grads_were_none:
@@ -420,7 +425,8 @@ class Job:
         return e
 
     def _state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"model": self.model.state_dict(), "optim": self.optimizer.state_dict()}
+        state: dict[str, Any] = ({"model": self.model.state_dict(), "optim": self.optimizer.state_dict()}
+                                 if self._mesh is None else self._mesh.state(self.model, self.optimizer))
         if self.scheduler is not None:
             state["sched"] = self.scheduler.state_dict()
         state["extra"] = {name: obj.state_dict() for name, obj in self.extra.items()}
@@ -433,8 +439,11 @@ class Job:
         return skel, tensors, self.proxy.backed(tensors)
 
     def _load(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optim"])
+        if self._mesh is not None:
+            self._mesh.load(self.model, self.optimizer, state)
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optim"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["sched"])
         for name, obj in self.extra.items():

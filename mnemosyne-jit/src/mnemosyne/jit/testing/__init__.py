@@ -14,7 +14,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,8 +67,8 @@ def started_pids(out: Path) -> dict[int, list[int]]:
 
 def launch(out: Path, *, nproc: int = 4, spares: int = 1, steps: int = 8, inject: str = "",
            train_args: Sequence[str] = TINY, launch_args: Sequence[str] = (), timeout: float = 100.0,
-           env: Mapping[str, str] | None = None) -> JobRun:
-    """Run ``mnemo launch -m mnemosyne.jit.demo.train`` and wait for it (killed at ``timeout``).
+           env: Mapping[str, str] | None = None, module: str = "mnemosyne.jit.demo.train") -> JobRun:
+    """Run ``mnemo launch -m <module>`` (the demo trainer) and wait for it (killed at ``timeout``).
 
     ``env`` adds to this process's environment for the launcher (and so its children).
 
@@ -80,7 +80,7 @@ def launch(out: Path, *, nproc: int = 4, spares: int = 1, steps: int = 8, inject
            "--event-log", str(out / "events.jsonl"), *launch_args]
     if inject:
         cmd += ["--inject", inject]
-    cmd += ["-m", "mnemosyne.jit.demo.train", "--steps", str(steps), "--out", str(out), *train_args]
+    cmd += ["-m", module, "--steps", str(steps), "--out", str(out), *train_args]
     full_env = {**os.environ, **env} if env else None
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
                             env=full_env)
@@ -125,10 +125,15 @@ def _same(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
-def compare_final_states(a: Path, b: Path, nproc: int, keys: Sequence[str] = ("model", "optim", "sched")) -> list[str]:
-    """Differences between two runs' final states (empty: bit-for-bit equal), also across ranks."""
+def compare_final_states(a: Path, b: Path, nproc: int, keys: Sequence[str] = ("model", "optim", "sched"),
+                         replica_of: Callable[[int], int] = lambda r: 0) -> list[str]:
+    """Differences between two runs' final states (empty: bit-for-bit equal), also across replicas.
+
+    ``replica_of(r)``: the rank whose model rank ``r`` must equal (data parallel: 0; a
+    sharded job: the rank holding the same shard, e.g. ``r % shard_size``).
+    """
     diffs: list[str] = []
-    ref0 = None
+    refs: dict[int, dict[str, Any]] = {}
     for r in range(nproc):
         sa = torch.load(a / f"final-rank{r}.pt", weights_only=False)
         sb = torch.load(b / f"final-rank{r}.pt", weights_only=False)
@@ -139,14 +144,15 @@ def compare_final_states(a: Path, b: Path, nproc: int, keys: Sequence[str] = ("m
                 continue
             diffs += [f"rank {r} {key}{p}" for p in fa if not _same(fa[p], fb[p])]
         flat = flatten_state(sb["model"])
-        if ref0 is None:
-            ref0 = flat
-        else:
-            diffs += [f"rank {r} model{p} differs from rank 0" for p in flat if not _same(flat[p], ref0[p])]
+        src = replica_of(r)
+        ref = refs.setdefault(src, flat)
+        if ref is not flat:
+            diffs += [f"rank {r} model{p} differs from rank {src}" for p in flat if not _same(flat[p], ref[p])]
     return diffs
 
 
-def check_recovered(run: JobRun, reference: JobRun, plan_text: str, nproc: int = 4) -> list[Incident]:
+def check_recovered(run: JobRun, reference: JobRun, plan_text: str, nproc: int = 4,
+                    replica_of: Callable[[int], int] = lambda r: 0) -> list[Incident]:
     """Assert that ``run`` healed every fault of ``plan_text`` in place; return its incidents.
 
     The job exited 0, its final state equals ``reference``'s bit for bit, every planned
@@ -161,7 +167,7 @@ def check_recovered(run: JobRun, reference: JobRun, plan_text: str, nproc: int =
 
     plans = parse_plans(plan_text)
     assert run.returncode == 0, run.output[-4000:]
-    diffs = compare_final_states(reference.out, run.out, nproc)
+    diffs = compare_final_states(reference.out, run.out, nproc, replica_of=replica_of)
     assert not diffs, diffs[:10]
     faults = [e for e in run.events if e.kind == EventKind.FAULT]
     assert sorted(e.fields["plan"] for e in faults) == sorted(p.to_text() for p in plans)  # each fired once

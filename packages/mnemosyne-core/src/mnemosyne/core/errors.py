@@ -24,6 +24,7 @@ __all__ = [
     "RecoveryError",
     "StaleEpochError",
     "StateError",
+    "StateLostError",
     "StoreError",
     "StoreTimeout",
 ]
@@ -97,6 +98,13 @@ class CorruptStateError(StateError, ValueError):
 
 class RecoveryError(MnemosyneError):
     """In-place recovery could not complete."""
+
+
+class StateLostError(RecoveryError):
+    """State that no live process holds any more (e.g. a shard whose every replica died).
+
+    No replacement can recover it in place: the job stops (resume from a checkpoint).
+    """
 
 
 class MultiRankError(MnemosyneError):
