@@ -31,7 +31,7 @@ from torch.distributed import distributed_c10d as c10d
 
 from mnemosyne.ccl._base import FlexBackend
 from mnemosyne.ccl.pg import FlexProcessGroup
-from mnemosyne.core.errors import ConfigError
+from mnemosyne.core.errors import CommAborted, ConfigError
 from mnemosyne.core.store import Store
 
 __all__ = ["FlexMesh", "mesh_groups"]
@@ -88,6 +88,9 @@ class FlexMesh:
         epoch: Epoch at which this process's groups are created.
         timeout: Seconds a build or a collective may take.
         device_type: ``"cpu"`` (Gloo) or ``"cuda"``.
+        build: False: build no communicator now (no collective, nothing waits): every
+            group starts *unbuilt* (its collectives fail; :meth:`report` says ``cut``)
+            until :meth:`rebuild` builds it, e.g. inside a recovery that every member runs.
 
     Raises:
         ConfigError: Shape, names or rank do not fit together, or a default process
@@ -96,7 +99,7 @@ class FlexMesh:
 
     def __init__(self, backend: FlexBackend, store: Store, rank: int, shape: Sequence[int],
                  dim_names: Sequence[str], *, epoch: int = 0, timeout: float = 30.0,
-                 device_type: str = "cpu") -> None:
+                 device_type: str = "cpu", build: bool = True) -> None:
         self.shape = tuple(int(n) for n in shape)
         self.dim_names = tuple(dim_names)
         if len(self.dim_names) != len(self.shape) or len(set(self.dim_names)) != len(self.dim_names):
@@ -111,9 +114,10 @@ class FlexMesh:
         _ensure_default_group(rank, self.world)
         self.groups: dict[str, FlexProcessGroup] = {}
         for name, (_, ranks) in zip(self.dim_names, self._layout, strict=True):
-            comm = backend.create(store, rank, len(ranks), epoch=epoch, timeout=timeout,  # type: ignore[call-arg]
-                                  tag=self.tag(name), ranks=ranks)
-            pg = FlexProcessGroup(comm)  # type: ignore[arg-type]
+            comm: Any = (backend.create(store, rank, len(ranks), epoch=epoch, timeout=timeout,  # type: ignore[call-arg]
+                                        tag=self.tag(name), ranks=ranks)
+                         if build else _Unbuilt(ranks, rank, backend.name, timeout))
+            pg = FlexProcessGroup(comm)
             pg._set_group_name(f"mnemosyne.{self.tag(name)}")
             c10d._register_pg_in_world(pg, backend_name=pg.getBackendName(), store=None,  # type: ignore[arg-type]
                                        group_name=f"mnemosyne.{self.tag(name)}",  # type: ignore[arg-type]
@@ -217,6 +221,41 @@ class FlexMesh:
         """Close every group's communicator."""
         for pg in self.groups.values():
             pg.comm.close()
+
+
+class _Unbuilt:
+    """The communicator of a group that :class:`FlexMesh` has not built yet (``build=False``).
+
+    It has the group's size and this rank's place in it (what torch reads once); every
+    collective on it fails at once.
+    """
+
+    epoch = -1
+    aborted = True
+
+    def __init__(self, ranks: Sequence[int], rank: int, backend_name: str, timeout: float) -> None:
+        self.ranks = tuple(ranks)
+        self.size = len(self.ranks)
+        self.physical_rank = self.ranks.index(rank)
+        self.backend_name = backend_name
+        self.timeout = timeout
+
+    def _remote_abort(self) -> str | None:
+        return None
+
+    def _raise_if_aborted(self) -> None:
+        msg = f"mesh group {list(self.ranks)} is not built yet (a recovery builds it)"
+        raise CommAborted(msg)
+
+    def abort(self, reason: str) -> None:
+        """Nothing to abort."""
+
+    def fail(self, reason: str, publish: bool = True) -> CommAborted:
+        """Nothing to fail."""
+        return CommAborted(reason)
+
+    def close(self) -> None:
+        """Nothing to close."""
 
 
 def _ensure_default_group(rank: int, world: int) -> None:

@@ -40,10 +40,12 @@ of parameters and optimizer state, plus scheduler and ``extra`` as in data paral
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -58,7 +60,7 @@ from mnemosyne.core.env import (
     env_int,
     env_str,
 )
-from mnemosyne.core.errors import CommAborted, ConfigError, StateLostError
+from mnemosyne.core.errors import ConfigError, MnemosyneError, StateLostError
 from mnemosyne.jit import _keys
 from mnemosyne.jit._protocol import read_record
 from mnemosyne.jit._recovery import Agreement, Rendezvous, wait_key
@@ -114,9 +116,11 @@ def device_mesh(shape: Sequence[int], dim_names: Sequence[str] | None = None, *,
     epoch = env_int(MNEMOSYNE_EPOCH, 0) or 0
     store = connect_job_store(addr, job_id, env_str(MNEMOSYNE_TOKEN))
     members = dict(read_record(store, epoch, timeout).membership.members)
+    # Nothing is built here: the groups are built inside init()'s first recovery, where
+    # a replacement takes part in the repair like every member (see JobMesh.repair).
     fm = FlexMesh(backend, store, rank, dims, names, epoch=epoch, timeout=timeout,  # type: ignore[arg-type]
-                  device_type=dtype)
-    jm = JobMesh(fm, members, epoch)
+                  device_type=dtype, build=False)
+    jm = JobMesh(fm, members)
     _MESHES[id(fm.mesh)] = jm
     return fm.mesh
 
@@ -133,6 +137,38 @@ def job_mesh(mesh: Any) -> JobMesh:
                "init_device_mesh has groups that no recovery can repair)")
         raise ConfigError(msg)
     return jm
+
+
+@contextlib.contextmanager
+def _abort_on(rv: Rendezvous, tags: list[str]) -> Iterator[None]:
+    """While the body builds the groups ``tags`` at ``rv.epoch``: abort those builds on a newer epoch.
+
+    A build waits for every member of its group; one that died meanwhile would keep it
+    waiting for the timeout. The abort key of the group's epoch ends the build on every
+    member (:class:`CommAborted`), and the recovery moves on to the newer epoch.
+    """
+    if not tags:
+        yield
+        return
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            if rv.interrupt.wait(0.05):
+                for tag in tags:
+                    with contextlib.suppress(MnemosyneError):
+                        signal_abort(rv.store, rv.epoch, f"membership epoch after {rv.epoch} published", tag)
+                return
+
+    from mnemosyne.ccl import signal_abort
+
+    t = threading.Thread(target=watch, name="mnemosyne-mesh-abort", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        done.set()
+        t.join()
 
 
 def _logger() -> Any:
@@ -190,13 +226,10 @@ class MeshComm:
 class JobMesh:
     """The job's side of a :class:`~mnemosyne.ccl.mesh.FlexMesh` (see module doc)."""
 
-    def __init__(self, fm: Any, members: dict[int, str], epoch: int) -> None:
+    def __init__(self, fm: Any, members: dict[int, str]) -> None:
         self.fm = fm
         #: Per dimension, the member ids of the group's ranks when its communicator was built.
         self.ids = {d: {r: members.get(r, "") for r in fm.ranks(d)} for d in fm.dim_names}
-        #: Membership epoch of the last completed repair (or of the build).
-        self.epoch = epoch
-        self.fresh = True  # built at self.epoch, nothing issued through a recovery yet
 
     @property
     def mesh(self) -> Any:
@@ -219,43 +252,43 @@ class JobMesh:
     def repair(self, rv: Rendezvous, members: dict[int, str]) -> tuple[MeshComm, dict[str, list[str]]]:
         """Repair this rank's groups for epoch ``rv.epoch`` (see module doc); the decision per group.
 
-        A group whose member ids changed since its build holds a replaced rank: rebuilt
-        (``dead``). Otherwise every member publishes :meth:`FlexMesh.report` and reads
-        the others': identical and uncut -> ``kept`` (unfenced), else ``interrupted``
-        (rebuilt). Every member reads the same reports, so all decide alike.
+        Every member publishes :meth:`FlexMesh.report` for each of its groups first. A
+        group whose member ids changed since it was built holds a replaced rank: rebuilt
+        (``dead``). Otherwise this rank reads the other members' reports: identical and
+        uncut -> ``kept`` (unfenced); else rebuilt over the same members (``built`` when
+        this rank's group was never built, ``interrupted`` otherwise). Every member of a
+        group reads the same reports, so all decide alike; dimensions are handled in the
+        mesh's order on every rank, so no build waits for a member busy with another.
+        A newer epoch aborts the builds in progress (their abort keys), and the recovery
+        starts over.
         """
         fm = self.fm
         out: dict[str, list[str]] = {"built": [], "dead": [], "interrupted": [], "kept": []}
-        if self.fresh and self.epoch == rv.epoch:
-            # Built at this epoch by device_mesh(): nothing to repair.
-            out["built"] = [fm.tag(d) for d in fm.dim_names]
-            return MeshComm(self, rv.epoch), out
         fm.fence(f"recovery of epoch {rv.epoch}")
         reports = {d: fm.report(d) for d in fm.dim_names}
         for d, rep in reports.items():
             rv.store.set(_keys.mesh_report(rv.epoch, fm.tag(d), rv.rank), json.dumps(rep).encode())
+        todo = []
         for d in fm.dim_names:
             changed = [r for r, mid in self.ids[d].items() if members.get(r) != mid]
             why = "dead" if changed else "kept"
             if not changed:
                 for r in fm.ranks(d):
-                    if r == rv.rank:
-                        continue
-                    theirs = json.loads(wait_key(rv, _keys.mesh_report(rv.epoch, fm.tag(d), r)))
-                    if theirs != reports[d] or theirs["cut"]:
-                        why = "interrupted"
+                    if r != rv.rank:
+                        theirs = json.loads(wait_key(rv, _keys.mesh_report(rv.epoch, fm.tag(d), r)))
+                        if theirs != reports[d] or theirs["cut"]:
+                            why = "interrupted"
                 if reports[d]["cut"]:
-                    why = "interrupted"
+                    why = "built" if reports[d]["epoch"] < 0 else "interrupted"
             out[why].append(fm.tag(d))
             if why == "kept":
                 fm.groups[d].unfence()
             else:
-                if rv.interrupt.is_set():
-                    msg = f"a newer epoch than {rv.epoch} appeared during the mesh repair"
-                    raise CommAborted(msg)
+                todo.append(d)
+        with _abort_on(rv, [fm.tag(d) for d in todo]):
+            for d in todo:
                 fm.rebuild(d, rv.epoch)
                 self.ids[d] = {r: members.get(r, "") for r in fm.ranks(d)}
-        self.epoch, self.fresh = rv.epoch, False
         return MeshComm(self, rv.epoch), out
 
     # ----------------------------------------------------------------- transfer
