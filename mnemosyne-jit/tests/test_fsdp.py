@@ -8,9 +8,13 @@ other), redo at most one step, fire each fault once and keep every healthy proce
 event log must show that only the groups holding the dead rank were rebuilt for it.
 """
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
-from mnemosyne.core.events import EventKind
+from mnemosyne.core.events import EventKind, read_events
 from mnemosyne.jit.testing import check_recovered, launch
 
 pytestmark = pytest.mark.slow
@@ -77,3 +81,16 @@ def test_pure_fsdp_lost_shard_stops_the_job_with_a_clear_error(tmp_path):
     assert "lost state" in why and "rank 3's shard" in why and "pure FSDP" in why, why
     # It stopped at the first recovery instead of replacing rank 3 again and again.
     assert len(run.pids()[3]) == 2, run.pids()
+
+
+@pytest.mark.timeout(120)
+def test_the_guides_example_heals_a_kill_in_backward(tmp_path):
+    script = Path(__file__).resolve().parents[2] / "examples" / "train_fsdp2_recoverable.py"
+    cmd = [sys.executable, "-m", "mnemosyne.cli", "launch", "--nproc-per-node", "4", "--spares", "1",
+           "--event-log", str(tmp_path / "events.jsonl"), "--inject", "rank=3,step=6,kind=kill,phase=backward",
+           str(script), "--steps", "12"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=110, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    events = read_events(tmp_path / "events.jsonl")
+    assert [e.fields["steps_redone"] for e in events if e.name == "recovered"] == [1, 1, 1]
+    assert sum(1 for e in events if e.kind == EventKind.FAULT) == 1

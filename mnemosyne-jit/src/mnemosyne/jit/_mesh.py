@@ -360,8 +360,10 @@ class JobMesh:
         st: dict[int, dict[str, Any]] = {}
         for i, entry in sd["state"].items():
             p = by_index[int(i)]
-            st[int(i)] = {k: (DTensor.from_local(v, p.device_mesh, p.placements, run_check=False)
-                              if isinstance(p, DTensor) and v.dim() > 0 else v)
+            # The global shape and stride are the parameter's: a shard may be uneven (or empty).
+            st[int(i)] = {k: (DTensor.from_local(v, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                                 stride=p.stride())
+                              if isinstance(p, DTensor) and v.shape == _local(p).shape else v)
                           for k, v in entry.items()}
         optimizer.load_state_dict({"state": st, "param_groups": sd["param_groups"]})
 

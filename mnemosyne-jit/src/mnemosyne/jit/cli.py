@@ -305,6 +305,8 @@ def register_demo(sub: Any) -> None:
     p.add_argument("--json", default=None, metavar="FILE", help="also write the summary as JSON to FILE")
     p.add_argument("--workdir", default=None, help="folder for events and final states (default: a temp folder)")
     p.add_argument("--no-verify", action="store_true", help="skip the fault-free reference run")
+    p.add_argument("--parallel", choices=("ddp", "hsdp"), default="ddp",
+                   help="ddp: data parallel, a small GPT (default); hsdp: FSDP2 over a (nproc/2, 2) mesh, an MLP")
     p.set_defaults(func=_demo)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mnemosyne.core.env import MNEMOSYNE_INJECT
-from mnemosyne.core.errors import MissingDependencyError
+from mnemosyne.core.errors import ConfigError, MissingDependencyError
 from mnemosyne.core.events import EventKind, read_events
 from mnemosyne.jit.agent import Agent, AgentConfig
 from mnemosyne.jit.inject import FaultPlan
@@ -104,14 +104,22 @@ def _finished_ok(st: Any) -> bool:
     return bool(st.finished and st.returncode == 0)
 
 
-def _run_job(out: Path, nproc: int, steps: int, inject: str, title: str, console: Any) -> tuple[int, float]:
+def _trainer(parallel: str) -> list[str]:
+    """The trainer module and its options for ``--parallel``."""
+    if parallel == "hsdp":
+        return ["-m", "mnemosyne.jit.demo.train_fsdp", "--parallel", "hsdp"]
+    return ["-m", "mnemosyne.jit.demo.train", *DEMO_MODEL]
+
+
+def _run_job(out: Path, nproc: int, steps: int, inject: str, title: str, console: Any,
+             parallel: str = "ddp") -> tuple[int, float]:
     from rich.live import Live
 
     out.mkdir(parents=True, exist_ok=True)
     log = out / "events.jsonl"
     env = {MNEMOSYNE_INJECT: inject} if inject else {}
-    cfg = AgentConfig(command=["-m", "mnemosyne.jit.demo.train", "--steps", str(steps), "--out", str(out),
-                               *DEMO_MODEL], nproc=nproc, spares=1, event_log=str(log), env=env)
+    cfg = AgentConfig(command=[*_trainer(parallel), "--steps", str(steps), "--out", str(out)], nproc=nproc,
+                      spares=1, event_log=str(log), env=env)
     view = _View(title, steps, log)
     t0 = time.perf_counter()
     if not console.is_terminal:  # a pipe or a file: no live redraws, the final view once
@@ -151,18 +159,24 @@ def _demo(args: argparse.Namespace, console: Any, work: Path) -> int:
     plan = FaultPlan(args.kill_rank, kill_step, args.kind, args.phase)
     from mnemosyne.jit.demo.train import uses_gpus
 
-    backend = "NCCL" if uses_gpus(args.nproc) else "Gloo, CPU"
-    console.print(f"[bold]mnemo demo[/bold]: small GPT, {args.nproc} ranks ({backend}), {args.steps} steps; "
+    parallel = getattr(args, "parallel", "ddp")
+    if parallel == "hsdp" and (args.nproc < 2 or args.nproc % 2):
+        msg = f"mnemo demo --parallel hsdp: --nproc {args.nproc}: expected an even number >= 2 (a (nproc/2, 2) mesh)"
+        raise ConfigError(msg)
+    backend = "NCCL" if uses_gpus(args.nproc) and parallel == "ddp" else "Gloo, CPU"
+    what = "small GPT" if parallel == "ddp" else f"small MLP, FSDP2 over a ({args.nproc // 2}, 2) HSDP mesh"
+    console.print(f"[bold]mnemo demo[/bold]: {what}, {args.nproc} ranks ({backend}), {args.steps} steps; "
                   f"fault: {plan.kind} rank {plan.rank} at step {plan.step} ({plan.phase}). Work dir: {work}"
                   + ("" if args.workdir else " (temporary; --workdir DIR keeps it, e.g. for mnemo report)"))
     faulted, reference = work / "faulted", work / "reference"
     rc, t_faulted = _run_job(faulted, args.nproc, args.steps, plan.to_text(), "faulted run (heals in place)",
-                             console)
+                             console, parallel)
     events = read_events(faulted / "events.jsonl", strict=False)
     summary = summarize(events)
     pids = started_pids(faulted)
     healthy_same = all(len(p) == 1 for r, p in pids.items() if r != plan.rank)
-    result: dict[str, Any] = {"ranks": args.nproc, "steps": args.steps, "backend": backend, "fault": plan.to_text(),
+    result: dict[str, Any] = {"ranks": args.nproc, "steps": args.steps, "backend": backend, "parallel": parallel,
+                              "fault": plan.to_text(),
                               "faulted_returncode": rc, "faulted_run_s": t_faulted,
                               "healthy_pids_unchanged": healthy_same, **summary}
     fired = [e for e in events if e.kind == EventKind.FAULT]
@@ -174,11 +188,14 @@ def _demo(args: argparse.Namespace, console: Any, work: Path) -> int:
     bitwise = None
     if not args.no_verify:
         console.print("[bold]reference run[/bold]: the same training without a fault")
-        rc_ref, t_ref = _run_job(reference, args.nproc, args.steps, "", "fault-free reference run", console)
+        rc_ref, t_ref = _run_job(reference, args.nproc, args.steps, "", "fault-free reference run", console,
+                                 parallel)
         result["reference_returncode"] = rc_ref
         result["reference_run_s"] = t_ref
         if rc == 0 and rc_ref == 0:
-            diffs = compare_final_states(reference, faulted, args.nproc)
+            # HSDP: ranks r and r + 2k hold the same shard (shard groups of 2).
+            diffs = compare_final_states(reference, faulted, args.nproc,
+                                         replica_of=(lambda r: r % 2) if parallel == "hsdp" else (lambda r: 0))
             bitwise = not diffs
             result["differences"] = diffs[:20]
         else:

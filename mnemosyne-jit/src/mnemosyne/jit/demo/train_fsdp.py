@@ -39,9 +39,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build(dim: int, layers: int) -> torch.nn.Module:
-    """The model (deterministic init from the seed set by the caller)."""
+    """The model (deterministic init from the seed set by the caller).
+
+    The head has 3 outputs: its weight and bias shard unevenly over a shard group of 2.
+    """
     blocks = [torch.nn.Sequential(torch.nn.Linear(dim, dim), torch.nn.GELU()) for _ in range(layers)]
-    return torch.nn.Sequential(*blocks, torch.nn.Linear(dim, 4))
+    return torch.nn.Sequential(*blocks, torch.nn.Linear(dim, 3))
 
 
 def shard(model: torch.nn.Module, mesh: Any) -> None:
@@ -67,7 +70,7 @@ class Batches:
 
     def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + 1000 * k + self.rank)
-        return torch.randn(self.batch, self.dim, generator=g), torch.randn(self.batch, 4, generator=g)
+        return torch.randn(self.batch, self.dim, generator=g), torch.randn(self.batch, 3, generator=g)
 
 
 def main(argv: list[str] | None = None) -> None:
