@@ -119,8 +119,11 @@ def _attempt(job: Job, ctx: RecoveryContext, ranks: list[int], first: bool) -> A
             comm.abort("a newer epoch appeared while building")
     committed = NO_STATE if job._st.torn else job.committed
     with phase(job.log, "agree") as t:
-        plan = agree(ctx.rv, ranks, committed, job._st.started, reattached=job._st.reattached)
-        t.fields.update(top=plan.top, donors=plan.donors, receivers=plan.receivers, partial=plan.partial)
+        plan = agree(ctx.rv, ranks, committed, job._st.started, reattached=job._st.reattached,
+                     snaps=job._snap.report(committed))
+        t.fields.update(top=plan.top, donors=plan.donors, receivers=plan.receivers, partial=plan.partial,
+                        source=plan.source)
+    job._snap.after_agree(plan)  # source "snapshot": every member loads its own generation of plan.top
     try:
         job.injector.maybe_fire(plan.resume_step, "recovery")
     except InjectedFault as exc:
@@ -177,7 +180,7 @@ def _resumed(job: Job, plan: Agreement, ranks: list[int], first: bool, t0: float
     started = job._st.started
     redone = max(0, started - plan.resume_step + 1) if started >= 0 else 0
     job.log.emit(EventKind.RECOVERED, "start" if first else "recovered", time.perf_counter() - t0,
-                 resume_step=plan.resume_step, started=started, steps_redone=redone,
+                 resume_step=plan.resume_step, started=started, steps_redone=redone, source=plan.source,
                  members=ranks, data_ranks=job.data_ranks,
                  role="receiver" if job.rank in plan.receivers else "donor",
                  max_started=max(plan.started.values(), default=-1))

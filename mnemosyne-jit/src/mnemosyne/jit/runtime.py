@@ -85,6 +85,7 @@ from mnemosyne.jit._protocol import EXIT_CKPT, EXIT_EXCEPTION, read_record
 from mnemosyne.jit._recover import finish, recover, resume_from
 from mnemosyne.jit._recovery import NO_STATE
 from mnemosyne.jit._select import backend_label, comm_backend
+from mnemosyne.jit._snapjob import SnapJob
 from mnemosyne.jit._state import flatten
 from mnemosyne.jit._step import Step, _rng_seed
 from mnemosyne.jit._stepstate import Position, StepState
@@ -114,11 +115,14 @@ class Job:
         bucket_bytes: Gradient bucket size.
         log_steps: Write a ``step`` event per committed step (benchmarks, demo).
         timeout: Bound, in seconds, of every wait during recovery.
+        snapshot_every: Snapshot the state in memory every N committed steps, for when every
+            rank loses it (:mod:`mnemosyne.jit._snapjob`); None: ``mnemo launch --snapshot-every``.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, scheduler: Any = None,
                  seed: int | None = 0, extra: Mapping[str, Stateful] | None = None,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, log_steps: bool = False, timeout: float = 120.0) -> None:
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, log_steps: bool = False, timeout: float = 120.0,
+                 snapshot_every: int | None = None) -> None:
         job_id = env_str(MNEMOSYNE_JOB_ID)
         addr = env_str(MNEMOSYNE_STORE_ADDR)
         rank = env_int(MNEMOSYNE_RANK)
@@ -197,6 +201,7 @@ class Job:
         self.watchdog.start()
         self.log.emit(EventKind.INFO, "trainer_start", member=self._member, start_epoch=start_epoch,
                       backend=self.backend_name, **(self.proxy.describe() if self.proxy is not None else {}))
+        self._snap = SnapJob(self, snapshot_every)  # before the first agreement: it may restore
         resume = env_str(MNEMOSYNE_RESUME)
         if resume and start_epoch == 0:
             resume_from(self, resume)
@@ -290,6 +295,7 @@ class Job:
         np.random.seed(s % (2**32))
 
     def _enter_step(self, k: int) -> None:
+        self._snap.step_start()
         self._st = self._st.enter(k, all(p.grad is None for p in self.model.parameters()))
         self._set_pos(k, "forward")
         if self._gradsync is not None:
@@ -372,6 +378,7 @@ class Job:
         self._set_pos(k + 1, "boundary")
         if self.log_steps:
             self.log.emit(EventKind.STEP, "step", dt, step=k, data_ranks=ran)
+        self._snap.committed(k)
 
     # ----------------------------------------------------------------- failures
     def _is_comm_failure(self, exc: BaseException) -> bool:
@@ -461,6 +468,7 @@ class Job:
             self._gradsync = None
         if self.proxy is not None:
             self.proxy.close()
+        self._snap.close()
         self.log.close()
 
 
