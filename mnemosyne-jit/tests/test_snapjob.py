@@ -8,6 +8,7 @@
 * One rank killed: the live replica heals it as before (snapshots are not used).
 """
 
+import json
 import os
 import threading
 import time
@@ -20,13 +21,72 @@ from mnemosyne.jit import _snapstore
 from mnemosyne.jit._snapdir import holder_path, snapshot_root
 from mnemosyne.jit.testing import launch
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow
 
 STEPS = 16
 EVERY = 4
 WORLD = 2
 TINY2 = ["--layers", "1", "--dim", "16", "--heads", "2", "--block", "8", "--vocab", "32", "--batch", "2",
          "--samples", "128", "--bucket-kb", "16"]
+
+
+@pytest.fixture
+def plan():
+    from mnemosyne.jit import _keys
+    from mnemosyne.jit._recovery import Rendezvous, agree
+    from mnemosyne.jit._store import host_store
+
+    store, ev = host_store(), threading.Event()
+
+    def run(epoch, others, mine, snaps):
+        for r, (c, sn) in others.items():
+            store.set(_keys.committed(epoch, r), json.dumps({"committed": c, "started": -1, "snaps": sn}).encode())
+        return agree(Rendezvous(store, epoch, 0, ev, 5), [0, *others], mine, -1, snaps=snaps)
+
+    return run
+
+
+@pytest.mark.timeout(30)
+def test_agreement_takes_the_newest_common_snapshot_only_when_nobody_holds_state(plan):
+    from mnemosyne.jit._recovery import NO_STATE
+
+    p = plan(1, {1: (NO_STATE, [3, 7])}, NO_STATE, [7, 11])
+    assert (p.top, p.donors, p.receivers, p.source, p.resume_step) == (7, [0, 1], [], "snapshot", 8)
+    p = plan(2, {1: (NO_STATE, [3])}, NO_STATE, [7, 11])  # no common step: the old first-start rule
+    assert (p.top, p.donors, p.receivers, p.source) == (-1, [0], [1], "initial")
+    p = plan(3, {1: (NO_STATE, [])}, NO_STATE, [7, 11])  # one holder empty (or every slot corrupt)
+    assert (p.top, p.source) == (-1, "initial")
+    p = plan(4, {1: (9, None), 2: (NO_STATE, [7])}, NO_STATE, [7])  # a live replica wins
+    assert (p.top, p.donors, p.receivers, p.source) == (9, [1], [0, 2], "replica")
+
+
+@pytest.mark.timeout(30)
+def test_newcomers_create_the_communicator_when_nobody_holds_one():
+    from mnemosyne.jit import _keys
+    from mnemosyne.jit._recovery import Rendezvous, joins
+    from mnemosyne.jit._store import host_store
+
+    store, ev = host_store(), threading.Event()
+    store.set(_keys.comm_holder(1, 1), b"1")
+    assert joins(Rendezvous(store, 1, 0, ev, 5), [0, 1], newcomer=True)  # a survivor builds, we join
+    store.set(_keys.comm_holder(2, 1), b"0")
+    assert not joins(Rendezvous(store, 2, 0, ev, 5), [0, 1], newcomer=True)  # every rank new: create
+    assert not joins(Rendezvous(store, 3, 0, ev, 5), [0, 1], newcomer=False)  # a holder never waits
+    assert store.get(_keys.comm_holder(3, 0)) == b"1"
+
+
+def test_holder_generations_skip_a_corrupt_slot_and_drop_newer(tmp_path):
+    base = tmp_path / "r0"
+    _snapstore.write_generation(base, 3, b"{}", b"a" * 100)
+    _snapstore.write_generation(base, 7, b"{}", b"b" * 100)
+    assert [g.step for g in _snapstore.generations(base)] == [7, 3]
+    newest = next(p for p in _snapstore._slot_paths(base) if _snapstore._read_head(p)[2] == 7)
+    raw = bytearray(newest.read_bytes())
+    raw[-1] ^= 0xFF
+    newest.write_bytes(bytes(raw))
+    assert [g.step for g in _snapstore.generations(base)] == [3]
+    assert _snapstore.drop_newer(base, 3) == [7]
+    assert [g.step for g in _snapstore.generations(base)] == [3]
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +116,7 @@ def _both_killed(step: int) -> str:
     return ";".join(f"rank={r},step={step},kind=kill,phase=forward" for r in range(WORLD))
 
 
+@slow
 @pytest.mark.timeout(90)
 def test_every_rank_killed_resumes_from_the_snapshot_bit_for_bit(tmp_path, reference):
     job = _job_id("all")
@@ -92,6 +153,7 @@ def _corrupt_newest_when_complete(root: Path, rank: int, step: int, done: thread
         time.sleep(0.005)
 
 
+@slow
 @pytest.mark.timeout(90)
 def test_corrupt_newest_generation_falls_back_to_the_older_one(tmp_path, reference):
     job = _job_id("corrupt")
@@ -117,6 +179,7 @@ def test_corrupt_newest_generation_falls_back_to_the_older_one(tmp_path, referen
     assert not root.exists()
 
 
+@slow
 @pytest.mark.timeout(90)
 def test_one_rank_killed_heals_from_the_live_replica(tmp_path, reference):
     job = _job_id("one")

@@ -107,6 +107,11 @@ def committed(epoch: int, rank: int) -> str:
     return f"e{epoch}/agree/{rank}"
 
 
+def comm_holder(epoch: int, rank: int) -> str:
+    """Whether ``rank`` builds ``epoch``'s communicator from one it holds ("1") or is new ("0")."""
+    return f"e{epoch}/holder/{rank}"
+
+
 def xfer_meta(epoch: int) -> str:
     """Layout of the state that donors send in ``epoch`` (JSON)."""
     return f"e{epoch}/xfer/meta"

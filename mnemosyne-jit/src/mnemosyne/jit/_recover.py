@@ -36,7 +36,7 @@ from mnemosyne.core.events import EventKind, phase
 from mnemosyne.jit import _keys
 from mnemosyne.jit._gradsync import GradSync
 from mnemosyne.jit._protocol import EXIT_CKPT, EXIT_CKPT_FAILED, EXIT_REPLACED, read_record
-from mnemosyne.jit._recovery import NO_STATE, Agreement, Rendezvous, agree, transfer, wait_key
+from mnemosyne.jit._recovery import NO_STATE, Agreement, Rendezvous, agree, joins, transfer, wait_key
 from mnemosyne.jit.data import assign_data_ranks
 from mnemosyne.jit.inject import InjectedFault
 
@@ -160,7 +160,9 @@ def _repair(job: Job, ctx: RecoveryContext, ranks: list[int], first: bool) -> tu
         msg = f"epoch record {ctx.epoch} names no mnemosyne-ccl communicator epoch (a torch-only agent published it?)"
         raise RecoveryError(msg)
     rv = ctx.rv
-    comm = job._backend.repair(old, rv.store, rv.rank, ranks, epoch=target, joining=first and rv.epoch > 0,
+    # Every rank lost at once: no member holds a communicator to join (ccl's join would wait forever).
+    joining = joins(rv, ranks, first and rv.epoch > 0) if job._ccl else first and rv.epoch > 0
+    comm = job._backend.repair(old, rv.store, rv.rank, ranks, epoch=target, joining=joining,
                                timeout=rv.timeout, interrupt=rv.interrupt)
     return comm, job._backend.last_repair
 

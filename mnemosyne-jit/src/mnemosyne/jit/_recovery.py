@@ -55,7 +55,7 @@ from mnemosyne.jit._state import (
     unpack,
 )
 
-__all__ = ["NO_STATE", "Agreement", "Rendezvous", "agree", "transfer", "wait_key"]
+__all__ = ["NO_STATE", "Agreement", "Rendezvous", "agree", "joins", "transfer", "wait_key"]
 
 #: Committed step reported by a process that holds no synchronised state.
 NO_STATE = -2
@@ -119,6 +119,24 @@ def wait_key(rv: Rendezvous, key: str, timeout: float | None = None) -> bytes:
         RecoveryError: The key did not appear within the timeout.
     """
     return _wait_key(rv.store, key, rv.interrupt, rv.timeout if timeout is None else timeout, error=RecoveryError)
+
+
+def joins(rv: Rendezvous, ranks: list[int], newcomer: bool) -> bool:
+    """Whether this newcomer joins a communicator a member builds from its own (False: create one).
+
+    Every member publishes whether it is a newcomer (a process in its first recovery of an
+    epoch > 0). A member that is not returns at once: it repairs, grows or creates the
+    epoch's communicator and publishes its member list, which newcomers join. When every
+    member is a newcomer (every rank was lost at once) nobody would publish that list:
+    they all create the communicator instead.
+
+    Raises:
+        CommAborted: A newer epoch appeared while waiting (a member died).
+    """
+    rv.store.set(_keys.comm_holder(rv.epoch, rv.rank), b"0" if newcomer else b"1")
+    if not newcomer:
+        return False
+    return any(wait_key(rv, _keys.comm_holder(rv.epoch, r)) == b"1" for r in ranks if r != rv.rank)
 
 
 def agree(rv: Rendezvous, ranks: list[int], committed: int, started: int, reattached: bool = False,
