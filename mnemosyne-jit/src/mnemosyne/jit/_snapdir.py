@@ -1,4 +1,4 @@
-"""Where a node's snapshot holders live, and their lifetime (supervisor side, no torch).
+"""Where a node's snapshot holders live, and their lifetime (shared by the agent and its trainers; no torch).
 
 ``mnemo launch --snapshot-every N`` makes every trainer snapshot its state into a holder
 of :mod:`mnemosyne.jit._snapstore` every N committed steps. The agent names one folder
