@@ -20,6 +20,7 @@ SUPERVISOR = [
     "mnemosyne.jit._publish",
     "mnemosyne.jit._replicate",
     "mnemosyne.jit._select",
+    "mnemosyne.jit._snapdir",
     "mnemosyne.jit._snapstore",
     "mnemosyne.jit._spawn",
     "mnemosyne.jit._store",

@@ -19,7 +19,10 @@ Peak memory: the largest rank's peak CUDA allocation (GPU) or peak RSS (CPU).
 
 Usage: python tools/bench/steptime.py [--nproc 4] [--model demo|1b] [--steps 40]
        [--warmup 5] [--rounds 1] [--modes plain,ddp,mnemosyne] [--json OUT]
-Last line: ``step_time_ratio: <mnemosyne median / ddp median>``.
+Last line: ``step_time_ratio: <mnemosyne median / ddp median>``. ``--snapshot-every N`` runs the
+``mnemosyne`` mode with in-memory snapshots; their capture runs between steps (after the commit),
+so it is reported apart, as training-thread time per step (capture + fence), from the trainers'
+``snapshots`` events.
 """
 
 from __future__ import annotations
@@ -90,12 +93,18 @@ def run_torchrun(work: Path, a: argparse.Namespace, mode: str, gpus: bool) -> di
 def run_mnemosyne(work: Path, a: argparse.Namespace, gpus: bool) -> dict:
     """The recoverable script under ``mnemo launch`` (no spare, no fault)."""
     run = launch(work, nproc=a.nproc, spares=0, steps=a.steps, timeout=a.timeout,
-                 train_args=[*_model_args(a, gpus), "--log-steps", "--sync-steps"])
+                 train_args=[*_model_args(a, gpus), "--log-steps", "--sync-steps"],
+                 launch_args=["--snapshot-every", str(a.snapshot_every)] if a.snapshot_every else [])
     if run.returncode != 0:
         sys.exit(f"mnemosyne run failed ({run.returncode}):\n{run.output[-3000:]}")
     out = _read(run.events, a.warmup)
     out["backend"] = ",".join(sorted({str(e.fields.get("backend")) for e in run.events
                                       if e.name == "trainer_start"}))
+    # A snapshot's capture runs after its step's commit (outside the step events): its totals
+    # come from each trainer's ``snapshots`` event, as training-thread seconds per step.
+    snaps = [e.fields for e in run.events if e.name == "snapshots"]
+    if snaps:
+        out["snapshot_stall_s_per_step"] = max((f["capture_s"] + f["fence_s"]) / a.steps for f in snaps)
     return out
 
 
@@ -108,6 +117,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1, help="run every mode this many times, in turn (default 1)")
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of plain,ddp,mnemosyne")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds one run may take")
+    p.add_argument("--snapshot-every", type=int, default=0, metavar="N",
+                   help="mnemosyne mode: mnemo launch --snapshot-every N (default 0: off)")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     modes = [m.strip() for m in a.modes.split(",") if m.strip()]
@@ -136,8 +147,12 @@ def main() -> None:
             pooled[m]["steps_s"] += res["steps_s"]
             pooled[m]["peak_bytes"] = max(pooled[m]["peak_bytes"], res["peak_bytes"])
             pooled[m].setdefault("backend", res.get("backend", "torch DDP" if m == "ddp" else "none"))
+            if "snapshot_stall_s_per_step" in res:
+                pooled[m].setdefault("snapshot_stall_s_per_step", []).append(res["snapshot_stall_s_per_step"])
+            stall = (f", snapshot stall {res['snapshot_stall_s_per_step'] * 1000:.2f} ms/step"
+                     if "snapshot_stall_s_per_step" in res else "")
             print(f"  round {r + 1}: {m:<10} median {statistics.median(res['steps_s']) * 1000:9.2f} ms "
-                  f"({time.perf_counter() - t0:.1f} s)", flush=True)
+                  f"({time.perf_counter() - t0:.1f} s){stall}", flush=True)
     ddp = statistics.median(pooled["ddp"]["steps_s"]) if "ddp" in pooled else None
     print(f"\n{'mode':<11}{'median step (ms)':>18}{'p90 (ms)':>10}{'vs ddp':>8}{'peak memory (MiB)':>19}  backend")
     for m in modes:

@@ -104,6 +104,8 @@ class AgentConfig:
             trainers; each trainer keeps its model and optimizer state in its slot's proxy
             (``MNEMOSYNE_PROXY_SOCKET``), so a replacement re-attaches to it.
         proxy_size: Arena size of each proxy (e.g. ``"1G"``).
+        snapshot_every: Snapshot every trainer's state into its in-memory holder every
+            this many committed steps (0: off; see :mod:`mnemosyne.jit._snapdir`).
     """
 
     command: list[str]
@@ -131,6 +133,7 @@ class AgentConfig:
     node_timeout: float = 5.0
     proxy: bool = False
     proxy_size: str = "1G"
+    snapshot_every: int = 0
 
 
 def check_config(config: AgentConfig) -> None:
@@ -144,6 +147,8 @@ def check_config(config: AgentConfig) -> None:
         problems.append(f"--nproc-per-node must be >= 1, got {config.nproc}")
     if config.spares < 0:
         problems.append(f"--spares must be >= 0, got {config.spares}")
+    if config.snapshot_every < 0:
+        problems.append(f"--snapshot-every must be >= 0 steps (0: off), got {config.snapshot_every}")
     if config.nnodes < 1:
         problems.append(f"--nnodes must be >= 1, got {config.nnodes}")
     elif not 0 <= config.node_rank < config.nnodes:

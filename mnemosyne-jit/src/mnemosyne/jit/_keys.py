@@ -112,6 +112,11 @@ def mesh_report(epoch: int, tag: str, rank: int) -> str:
     return f"e{epoch}/mesh/{tag}/{rank}"
 
 
+def comm_holder(epoch: int, rank: int) -> str:
+    """Whether ``rank`` builds ``epoch``'s communicator from one it holds ("1") or is new ("0")."""
+    return f"e{epoch}/holder/{rank}"
+
+
 def xfer_meta(epoch: int) -> str:
     """Layout of the state that donors send in ``epoch`` (JSON)."""
     return f"e{epoch}/xfer/meta"

@@ -36,7 +36,7 @@ from mnemosyne.core.events import EventKind, phase
 from mnemosyne.jit import _keys
 from mnemosyne.jit._gradsync import GradSync
 from mnemosyne.jit._protocol import EXIT_CKPT, EXIT_CKPT_FAILED, EXIT_REPLACED, read_record
-from mnemosyne.jit._recovery import NO_STATE, Agreement, Rendezvous, agree, transfer, wait_key
+from mnemosyne.jit._recovery import NO_STATE, Agreement, Rendezvous, agree, joins, transfer, wait_key
 from mnemosyne.jit.data import assign_data_ranks
 from mnemosyne.jit.inject import InjectedFault
 
@@ -121,8 +121,11 @@ def _attempt(job: Job, ctx: RecoveryContext, ranks: list[int], first: bool) -> A
             comm.abort("a newer epoch appeared while building")
     committed = NO_STATE if job._st.torn else job.committed
     with phase(job.log, "agree") as t:
-        plan = agree(ctx.rv, ranks, committed, job._st.started, reattached=job._st.reattached)
-        t.fields.update(top=plan.top, donors=plan.donors, receivers=plan.receivers, partial=plan.partial)
+        plan = agree(ctx.rv, ranks, committed, job._st.started, reattached=job._st.reattached,
+                     snaps=job._snap.report(committed))
+        t.fields.update(top=plan.top, donors=plan.donors, receivers=plan.receivers, partial=plan.partial,
+                        source=plan.source)
+    job._snap.after_agree(plan)  # source "snapshot": every member loads its own generation of plan.top
     try:
         job.injector.maybe_fire(plan.resume_step, "recovery")
     except InjectedFault as exc:
@@ -168,7 +171,9 @@ def _repair(job: Job, ctx: RecoveryContext, ranks: list[int], first: bool) -> tu
         mcomm, groups = job._mesh.repair(rv, dict(job._record.membership.members))
         job.log.emit(EventKind.INFO, "mesh_repair", None, **groups)
         return mcomm, "mesh"  # type: ignore[return-value]
-    comm = job._backend.repair(old, rv.store, rv.rank, ranks, epoch=target, joining=first and rv.epoch > 0,
+    # Every rank lost at once: no member holds a communicator to join (ccl's join would wait forever).
+    joining = joins(rv, ranks, first and rv.epoch > 0) if job._ccl else first and rv.epoch > 0
+    comm = job._backend.repair(old, rv.store, rv.rank, ranks, epoch=target, joining=joining,
                                timeout=rv.timeout, interrupt=rv.interrupt)
     return comm, job._backend.last_repair
 
@@ -189,7 +194,7 @@ def _resumed(job: Job, plan: Agreement, ranks: list[int], first: bool, t0: float
     started = job._st.started
     redone = max(0, started - plan.resume_step + 1) if started >= 0 else 0
     job.log.emit(EventKind.RECOVERED, "start" if first else "recovered", time.perf_counter() - t0,
-                 resume_step=plan.resume_step, started=started, steps_redone=redone,
+                 resume_step=plan.resume_step, started=started, steps_redone=redone, source=plan.source,
                  members=ranks, data_ranks=job.data_ranks,
                  role="receiver" if job.rank in plan.receivers else "donor",
                  max_started=max(plan.started.values(), default=-1))

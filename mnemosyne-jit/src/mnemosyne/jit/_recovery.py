@@ -19,6 +19,13 @@ receiver: it lays the donor's skeleton over its own flattened state (the same
 deterministic order), publishes the indices of the tensors that are not in its arena,
 and donors send it only those. Anything that does not line up makes it ask for
 everything (a full receive).
+
+Snapshots (``mnemo launch --snapshot-every N``): a member that holds no state also
+publishes the steps of the verified generations in its snapshot holder. When no member
+holds state and every member has a generation of some common step, the newest such step
+``s`` is agreed with ``source = "snapshot"``: every member restores its own generation of
+``s`` (no transfer) and the job resumes at ``s + 1``. A live replica always wins over a
+snapshot; without a common step the job starts again from the lowest rank's fresh state.
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ from mnemosyne.jit._state import (
     unpack,
 )
 
-__all__ = ["NO_STATE", "Agreement", "Rendezvous", "agree", "transfer", "wait_key"]
+__all__ = ["NO_STATE", "Agreement", "Rendezvous", "agree", "joins", "transfer", "wait_key"]
 
 #: Committed step reported by a process that holds no synchronised state.
 NO_STATE = -2
@@ -65,6 +72,9 @@ class Agreement:
         started: Per rank, the step it was running when it was interrupted (-1: none).
         partial: Receivers that re-attached to a device proxy holding step ``top``'s
             model and optimizer state: they receive only what their arena lacks.
+        source: Where step ``top``'s state comes from: ``replica`` (live members),
+            ``snapshot`` (every member's own snapshot holder) or ``initial`` (the
+            lowest rank's freshly built state, step -1).
     """
 
     top: int
@@ -72,6 +82,7 @@ class Agreement:
     receivers: list[int]
     started: dict[int, int] = field(default_factory=dict)
     partial: list[int] = field(default_factory=list)
+    source: str = "replica"
 
     @property
     def resume_step(self) -> int:
@@ -110,17 +121,37 @@ def wait_key(rv: Rendezvous, key: str, timeout: float | None = None) -> bytes:
     return _wait_key(rv.store, key, rv.interrupt, rv.timeout if timeout is None else timeout, error=RecoveryError)
 
 
-def agree(rv: Rendezvous, ranks: list[int], committed: int, started: int, reattached: bool = False) -> Agreement:
+def joins(rv: Rendezvous, ranks: list[int], newcomer: bool) -> bool:
+    """Whether this newcomer joins a communicator a member builds from its own (False: create one).
+
+    Every member publishes whether it is a newcomer (a process in its first recovery of an
+    epoch > 0). A member that is not returns at once: it repairs, grows or creates the
+    epoch's communicator and publishes its member list, which newcomers join. When every
+    member is a newcomer (every rank was lost at once) nobody would publish that list:
+    they all create the communicator instead.
+
+    Raises:
+        CommAborted: A newer epoch appeared while waiting (a member died).
+    """
+    rv.store.set(_keys.comm_holder(rv.epoch, rv.rank), b"0" if newcomer else b"1")
+    if not newcomer:
+        return False
+    return any(wait_key(rv, _keys.comm_holder(rv.epoch, r)) == b"1" for r in ranks if r != rv.rank)
+
+
+def agree(rv: Rendezvous, ranks: list[int], committed: int, started: int, reattached: bool = False,
+          snaps: list[int] | None = None) -> Agreement:
     """Publish this rank's position and compute donors and receivers from everyone's.
 
     ``reattached``: this rank's ``committed`` step comes from its device proxy's arena
-    (model and optimizer state only); such a rank never donates.
+    (model and optimizer state only); such a rank never donates. ``snaps``: steps of the
+    verified generations in this rank's snapshot holder (see the module doc).
 
     Raises:
         RecoveryError: Every member re-attached to a proxy and none holds the light state.
     """
     epoch = rv.epoch
-    me = {"committed": committed, "started": started, "reattached": reattached}
+    me = {"committed": committed, "started": started, "reattached": reattached, "snaps": snaps or []}
     rv.store.set(_keys.committed(epoch, rv.rank), json.dumps(me).encode())
     got = {r: json.loads(wait_key(rv, _keys.committed(epoch, r))) for r in ranks}
     started_by = {r: int(v["started"]) for r, v in got.items()}
@@ -133,8 +164,11 @@ def agree(rv: Rendezvous, ranks: list[int], committed: int, started: int, reatta
         raise RecoveryError(msg)
     top = max(full.values())
     if top == NO_STATE:
+        common = set.intersection(*(set(v.get("snaps") or []) for v in got.values())) if not attached else set()
+        if common:
+            return Agreement(max(common), sorted(ranks), [], started_by, source="snapshot")
         first = min(full)
-        return Agreement(-1, [first], [r for r in ranks if r != first], started_by)
+        return Agreement(-1, [first], [r for r in ranks if r != first], started_by, source="initial")
     donors = sorted(r for r, c in full.items() if c == top)
     receivers = sorted(r for r in ranks if r not in donors)
     partial = sorted(r for r, c in attached.items() if c == top)

@@ -20,6 +20,7 @@ them and removes them with the job (:func:`remove_holder`).
 from __future__ import annotations
 
 import hashlib
+import logging
 import mmap
 import os
 import struct
@@ -33,11 +34,15 @@ __all__ = [
     "Generation",
     "SlotWriter",
     "digest",
+    "drop_newer",
+    "generations",
     "holder_bytes",
     "latest",
     "remove_holder",
     "write_generation",
 ]
+
+logger = logging.getLogger(__name__)
 
 _MAGIC = b"MNSNAP01"
 #: Header of a slot: magic, state, seq, step, meta length, data length, payload digest,
@@ -163,6 +168,46 @@ def _scan(base: Path, verify: bool) -> tuple[Generation | None, list[str]]:
             continue
         return Generation(seq, step, meta, data, dig, path), bad
     return None, bad
+
+
+def generations(base: str | os.PathLike[str]) -> list[Generation]:
+    """Every complete generation of holder ``base`` that matches its digest, newest first.
+
+    Unlike :func:`latest` it reads both slots (a recovery needs every step a holder can
+    give back); a slot that fails its digest is left out and logged.
+    """
+    out = []
+    for _seq, path in _complete_seqs(Path(base)):
+        h = _read_head(path)
+        if h is None or h[0] != _COMPLETE:
+            continue
+        _state, seq, step, meta_len, data_len, dig = h
+        with path.open("rb") as f:
+            f.seek(HEADER_BYTES)
+            meta = f.read(meta_len)
+            f.seek(_data_offset(meta_len))
+            data = bytearray(data_len)
+            got = f.readinto(data)
+        if len(meta) != meta_len or got != data_len or digest(meta, data) != dig:
+            logger.warning("snapshot %s (step %d): payload fails its blake2b digest; skipped", path, step)
+            continue
+        out.append(Generation(seq, step, meta, data, dig, path))
+    return out
+
+
+def drop_newer(base: str | os.PathLike[str], step: int) -> list[int]:
+    """Remove the generations of holder ``base`` taken after ``step``; return their steps.
+
+    After the job rolled back to ``step`` they belong to a timeline that no longer exists,
+    and keeping them would let the next snapshot overwrite the older, still valid slot.
+    """
+    dropped = []
+    for p in _slot_paths(Path(base)):
+        h = _read_head(p)
+        if h is not None and h[0] == _COMPLETE and h[2] > step:
+            p.unlink(missing_ok=True)
+            dropped.append(h[2])
+    return dropped
 
 
 class SlotWriter:

@@ -19,10 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mnemosyne.core.env import MNEMOSYNE_RESUME, MNEMOSYNE_SHRINK
+from mnemosyne.core.env import MNEMOSYNE_JOB_ID, MNEMOSYNE_RESUME, MNEMOSYNE_SHRINK
 from mnemosyne.core.events import EventKind
 from mnemosyne.core.store import Store
-from mnemosyne.jit import _keys
+from mnemosyne.jit import _keys, _snapdir
 from mnemosyne.jit._agent_config import AgentConfig
 from mnemosyne.jit._exits import EXIT_CLOCK
 
@@ -59,6 +59,8 @@ def child_env(config: AgentConfig, job: dict[str, str], extra: dict[str, str]) -
         env[MNEMOSYNE_SHRINK] = "1"
     if config.resume:
         env[MNEMOSYNE_RESUME] = config.resume
+    # The node's snapshot holders (named even with snapshots off: init() may turn them on).
+    env.update(_snapdir.snapshot_env(job[MNEMOSYNE_JOB_ID], config.node_rank, config.snapshot_every))
     env.update(extra)
     return env
 

@@ -62,7 +62,7 @@ from mnemosyne.core.errors import MnemosyneError
 from mnemosyne.core.events import Event, EventKind, EventLog
 from mnemosyne.core.membership import Membership
 from mnemosyne.core.store import Store
-from mnemosyne.jit import _keys, _recap
+from mnemosyne.jit import _keys, _recap, _snapdir
 from mnemosyne.jit._agent_config import AgentConfig, check_config, job_info_dir, read_token_file
 from mnemosyne.jit._agent_setup import open_store, write_info
 from mnemosyne.jit._ckpt_order import finish_checkpoint, writer_exited
@@ -74,8 +74,7 @@ from mnemosyne.jit._publish import Publisher
 from mnemosyne.jit._spawn import RankStatus, Spare, SparePool, child_env, die_with_parent, popen, terminate
 from mnemosyne.jit._store import JobStoreHost
 
-__all__ = ["DEFAULT_CKPT_DIR", "EXIT_JOB_CKPT", "Agent", "AgentConfig", "RankStatus",
-           "job_info_dir", "read_token_file"]
+__all__ = ["DEFAULT_CKPT_DIR", "EXIT_JOB_CKPT", "Agent", "AgentConfig", "RankStatus", "job_info_dir", "read_token_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -493,6 +492,7 @@ class Agent:
         # After the trainers: a trainer still running must not lose its arena under it.
         if self.proxies is not None:
             self.proxies.stop()
+        _snapdir.remove_root(self.job_id, self.node)  # after the trainers: they write there
         if self._info_file is not None:
             self._info_file.unlink(missing_ok=True)
         if self.server is not None:

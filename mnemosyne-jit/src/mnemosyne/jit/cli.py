@@ -46,7 +46,8 @@ def _launch(args: argparse.Namespace) -> int:
                       max_restarts=args.max_restarts, event_log=args.event_log, job_id=args.job_id, host=args.host,
                       env=env, no_replace=args.no_replace, ckpt_dir=args.ckpt_dir, resume=resume,
                       shrink=args.shrink, nnodes=args.nnodes, node_rank=args.node_rank, master=args.master,
-                      token=token, node_timeout=args.node_timeout, proxy=args.proxy, proxy_size=args.proxy_size)
+                      token=token, node_timeout=args.node_timeout, proxy=args.proxy, proxy_size=args.proxy_size,
+                      snapshot_every=args.snapshot_every)
     agent = Agent(cfg)
     note = store_note()
     if note:
@@ -211,6 +212,10 @@ def register_launch(sub: Any) -> None:
                         "the light state from the healthy ranks")
     p.add_argument("--proxy-size", default="1G",
                    help="arena size of each device proxy, e.g. 512M, 20G (default 1G; with --proxy)")
+    p.add_argument("--snapshot-every", type=int, default=0, metavar="N",
+                   help="snapshot each rank's state into shared memory every N committed steps (default 0: off); "
+                        "when every rank lost its state at once, the job rolls back to the newest snapshot all "
+                        "ranks hold (at most N+1 steps redone) instead of restarting at step 0")
     p.add_argument("--event-log", default=None, help="JSON-lines event log (default ./mnemo-events/<job>.jsonl)")
     p.add_argument("--job-id", default=None,
                    help="job id, the same on every node (default: MNEMOSYNE_JOB_ID, else generated on one node)")

@@ -78,7 +78,7 @@ from mnemosyne.core.errors import CommError, ConfigError, MnemosyneError, Recove
 from mnemosyne.core.events import EventKind, EventLog
 from mnemosyne.core.log import ContextAdapter
 from mnemosyne.core.state import Stateful
-from mnemosyne.jit import _keys
+from mnemosyne.jit import _jobstate, _keys
 from mnemosyne.jit._epochs import EpochWatch
 from mnemosyne.jit._gradsync import DEFAULT_BUCKET_BYTES, GradSync
 from mnemosyne.jit._mesh import job_mesh
@@ -86,6 +86,7 @@ from mnemosyne.jit._protocol import EXIT_CKPT, EXIT_EXCEPTION, read_record
 from mnemosyne.jit._recover import finish, recover, resume_from
 from mnemosyne.jit._recovery import NO_STATE
 from mnemosyne.jit._select import backend_label, comm_backend
+from mnemosyne.jit._snapjob import SnapJob
 from mnemosyne.jit._state import flatten
 from mnemosyne.jit._step import Step, _rng_seed
 from mnemosyne.jit._stepstate import Position, StepState
@@ -115,12 +116,14 @@ class Job:
         bucket_bytes: Gradient bucket size.
         log_steps: Write a ``step`` event per committed step (benchmarks, demo).
         timeout: Bound, in seconds, of every wait during recovery.
+        snapshot_every: Snapshot the state in memory every N committed steps, for when every
+            rank loses it (:mod:`mnemosyne.jit._snapjob`); None: ``mnemo launch --snapshot-every``.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, scheduler: Any = None,
                  seed: int | None = 0, extra: Mapping[str, Stateful] | None = None,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, log_steps: bool = False, timeout: float = 120.0,
-                 mesh: Any = None) -> None:
+                 mesh: Any = None, snapshot_every: int | None = None) -> None:
         job_id = env_str(MNEMOSYNE_JOB_ID)
         addr = env_str(MNEMOSYNE_STORE_ADDR)
         rank = env_int(MNEMOSYNE_RANK)
@@ -200,6 +203,7 @@ class Job:
         self.watchdog.start()
         self.log.emit(EventKind.INFO, "trainer_start", member=self._member, start_epoch=start_epoch,
                       backend=self.backend_name, **(self.proxy.describe() if self.proxy is not None else {}))
+        self._snap = SnapJob(self, snapshot_every)  # before the first agreement: it may restore
         resume = env_str(MNEMOSYNE_RESUME)
         if resume and start_epoch == 0:
             resume_from(self, resume)
@@ -293,6 +297,7 @@ class Job:
         np.random.seed(s % (2**32))
 
     def _enter_step(self, k: int) -> None:
+        self._snap.step_start()
         self._st = self._st.enter(k, all(p.grad is None for p in self.model.parameters()))
         self._set_pos(k, "forward")
         if self._gradsync is not None:
@@ -375,6 +380,7 @@ class Job:
         self._set_pos(k + 1, "boundary")
         if self.log_steps:
             self.log.emit(EventKind.STEP, "step", dt, step=k, data_ranks=ran)
+        self._snap.committed(k)
 
     # ----------------------------------------------------------------- failures
     def _is_comm_failure(self, exc: BaseException) -> bool:
@@ -425,12 +431,7 @@ class Job:
         return e
 
     def _state(self) -> dict[str, Any]:
-        state: dict[str, Any] = ({"model": self.model.state_dict(), "optim": self.optimizer.state_dict()}
-                                 if self._mesh is None else self._mesh.state(self.model, self.optimizer))
-        if self.scheduler is not None:
-            state["sched"] = self.scheduler.state_dict()
-        state["extra"] = {name: obj.state_dict() for name, obj in self.extra.items()}
-        return state
+        return _jobstate.state(self)
 
     def _local_state(self) -> tuple[Any, list[torch.Tensor], list[bool]]:
         """This rank's own state, flattened, and which tensors its device proxy holds."""
@@ -439,15 +440,7 @@ class Job:
         return skel, tensors, self.proxy.backed(tensors)
 
     def _load(self, state: dict[str, Any]) -> None:
-        if self._mesh is not None:
-            self._mesh.load(self.model, self.optimizer, state)
-        else:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optim"])
-        if self.scheduler is not None:
-            self.scheduler.load_state_dict(state["sched"])
-        for name, obj in self.extra.items():
-            obj.load_state_dict(state["extra"][name])
+        _jobstate.load(self, state)
 
     def _recover(self, first: bool = False) -> None:
         recover(self, first)  # the phases: mnemosyne.jit._recover
@@ -470,6 +463,7 @@ class Job:
             self._gradsync = None
         if self.proxy is not None:
             self.proxy.close()
+        self._snap.close()
         self.log.close()
 
 

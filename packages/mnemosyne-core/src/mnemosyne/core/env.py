@@ -27,6 +27,8 @@ __all__ = [
     "MNEMOSYNE_RANK",
     "MNEMOSYNE_RESUME",
     "MNEMOSYNE_SHRINK",
+    "MNEMOSYNE_SNAPSHOT_DIR",
+    "MNEMOSYNE_SNAPSHOT_EVERY",
     "MNEMOSYNE_SPARE",
     "MNEMOSYNE_STORE_ADDR",
     "MNEMOSYNE_TEST_MARK",
@@ -70,6 +72,13 @@ MNEMOSYNE_LOG_LEVEL = "MNEMOSYNE_LOG_LEVEL"
 MNEMOSYNE_SHRINK = "MNEMOSYNE_SHRINK"
 # Checkpoint directory every rank loads before its first step (``mnemo launch --resume``).
 MNEMOSYNE_RESUME = "MNEMOSYNE_RESUME"
+# Folder (mode 0700, normally under /dev/shm) of this node's in-memory snapshot holders; rank
+# r's holder is ``<folder>/r<r>``. The agent names it per job and node and removes it when the
+# job ends, so that a replacement of rank r finds the snapshot its dead predecessor left.
+MNEMOSYNE_SNAPSHOT_DIR = "MNEMOSYNE_SNAPSHOT_DIR"
+# ``mnemo launch --snapshot-every N``: snapshot each rank's state every N committed steps
+# (0 or unset: off); ``mnemosyne.jit.init(snapshot_every=...)`` overrides it.
+MNEMOSYNE_SNAPSHOT_EVERY = "MNEMOSYNE_SNAPSHOT_EVERY"
 # ``torch`` forces mnemosyne-jit's plain torch.distributed path even when mnemosyne-ccl is
 # installed, ``ccl`` requires mnemosyne-ccl, unset picks by import. Exists so that tests
 # and benchmarks can run the fallback where every package is installed, and so that a
