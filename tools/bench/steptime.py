@@ -17,9 +17,15 @@ step's event times its device work. Step time = median over ranks and steps afte
 ddp, ...) and the steps of all rounds are pooled (a noisy host then hits every mode).
 Peak memory: the largest rank's peak CUDA allocation (GPU) or peak RSS (CPU).
 
+``--parallel fsdp`` / ``hsdp``: the FSDP2 trainer (mnemosyne.jit.demo.train_fsdp, an MLP
+of ``--fsdp-dim`` x ``--fsdp-layers``) over a ``(nproc,)`` / ``(nproc/2, 2)`` mesh; the
+``ddp`` row is then plain FSDP2 under torchrun (``init_device_mesh``, Gloo) and
+``mnemosyne`` the same trainer on ``mnemosyne.jit.device_mesh`` under ``mnemo launch``
+(CPU only: the repairable mesh runs on Gloo); no ``plain`` row.
+
 Usage: python tools/bench/steptime.py [--nproc 4] [--model demo|1b] [--steps 40]
-       [--warmup 5] [--rounds 1] [--modes plain,ddp,mnemosyne] [--json OUT]
-Last line: ``step_time_ratio: <mnemosyne median / ddp median>``. ``--snapshot-every N`` runs the
+       [--warmup 5] [--rounds 1] [--modes plain,ddp,mnemosyne] [--parallel ddp|fsdp|hsdp] [--json OUT]
+Last line: ``step_time_ratio: <mnemosyne median / ddp median>`` (the torch baseline's). ``--snapshot-every N`` runs the
 ``mnemosyne`` mode with in-memory snapshots; their capture runs between steps (after the commit),
 so it is reported apart, as training-thread time per step (capture + fence), from the trainers'
 ``snapshots`` events.
@@ -74,16 +80,25 @@ def _read(events: list, warmup: int) -> dict:
     return {"steps_s": steps, "peak_bytes": max(peaks, default=0)}
 
 
+def _fsdp_args(a: argparse.Namespace) -> list[str]:
+    return ["--parallel", a.parallel, "--dim", str(a.fsdp_dim), "--layers", str(a.fsdp_layers),
+            "--batch", str(a.fsdp_batch)]
+
+
 def run_torchrun(work: Path, a: argparse.Namespace, mode: str, gpus: bool) -> dict:
-    """``plain`` or ``ddp``: the baseline script under torchrun, no checkpoint, no fault."""
+    """``plain`` or ``ddp``: the baseline script under torchrun, no checkpoint, no fault (FSDP2: plain FSDP2)."""
     work.mkdir(parents=True, exist_ok=True)
     events = work / "events.jsonl"
     env = dict(os.environ, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", OMP_NUM_THREADS="1")
+    if a.parallel == "ddp":
+        script = ["-m", "mnemosyne.jit.demo.baseline", "--ckpt-dir", str(work / "ckpt"), "--ckpt-every", str(10**9),
+                  "--events", str(events), "--steps", str(a.steps), *(["--no-ddp"] if mode == "plain" else []),
+                  *_model_args(a, gpus)]
+    else:
+        script = ["-m", "mnemosyne.jit.demo.train_fsdp", "--baseline-events", str(events), "--steps", str(a.steps),
+                  *_fsdp_args(a)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(a.nproc), "--max-restarts", "0",
-           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
-           "-m", "mnemosyne.jit.demo.baseline", "--ckpt-dir", str(work / "ckpt"), "--ckpt-every", str(10**9),
-           "--events", str(events), "--steps", str(a.steps), *(["--no-ddp"] if mode == "plain" else []),
-           *_model_args(a, gpus)]
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", *script]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=a.timeout, check=False)
     if proc.returncode != 0:
         sys.exit(f"{mode} run failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
@@ -92,9 +107,13 @@ def run_torchrun(work: Path, a: argparse.Namespace, mode: str, gpus: bool) -> di
 
 def run_mnemosyne(work: Path, a: argparse.Namespace, gpus: bool) -> dict:
     """The recoverable script under ``mnemo launch`` (no spare, no fault)."""
-    run = launch(work, nproc=a.nproc, spares=0, steps=a.steps, timeout=a.timeout,
-                 train_args=[*_model_args(a, gpus), "--log-steps", "--sync-steps"],
-                 launch_args=["--snapshot-every", str(a.snapshot_every)] if a.snapshot_every else [])
+    snap = ["--snapshot-every", str(a.snapshot_every)] if a.snapshot_every else []
+    if a.parallel == "ddp":
+        run = launch(work, nproc=a.nproc, spares=0, steps=a.steps, timeout=a.timeout,
+                     train_args=[*_model_args(a, gpus), "--log-steps", "--sync-steps"], launch_args=snap)
+    else:
+        run = launch(work, nproc=a.nproc, spares=0, steps=a.steps, timeout=a.timeout, train_args=_fsdp_args(a),
+                     launch_args=snap, module="mnemosyne.jit.demo.train_fsdp")
     if run.returncode != 0:
         sys.exit(f"mnemosyne run failed ({run.returncode}):\n{run.output[-3000:]}")
     out = _read(run.events, a.warmup)
@@ -119,8 +138,15 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds one run may take")
     p.add_argument("--snapshot-every", type=int, default=0, metavar="N",
                    help="mnemosyne mode: mnemo launch --snapshot-every N (default 0: off)")
+    p.add_argument("--parallel", choices=("ddp", "fsdp", "hsdp"), default="ddp",
+                   help="ddp: the demo GPT, DDP baseline (default); fsdp/hsdp: the FSDP2 MLP, plain FSDP2 baseline")
+    p.add_argument("--fsdp-dim", type=int, default=256, help="--parallel fsdp/hsdp: MLP width (default 256)")
+    p.add_argument("--fsdp-layers", type=int, default=4, help="--parallel fsdp/hsdp: blocks (default 4)")
+    p.add_argument("--fsdp-batch", type=int, default=64, help="--parallel fsdp/hsdp: batch per rank (default 64)")
     p.add_argument("--json", default=None)
     a = p.parse_args()
+    if a.parallel != "ddp" and a.modes == ",".join(MODES):
+        a.modes = "ddp,mnemosyne"
     modes = [m.strip() for m in a.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
@@ -129,13 +155,17 @@ def main() -> None:
         p.error("--modes: the ratio needs both ddp and mnemosyne")
     if a.nproc < 1 or a.steps <= a.warmup or a.rounds < 1:
         p.error("need --nproc >= 1, --steps > --warmup and --rounds >= 1")
+    if a.parallel != "ddp" and ("plain" in modes or (a.parallel == "hsdp" and a.nproc % 2)):
+        p.error("--parallel fsdp/hsdp: modes ddp,mnemosyne only; hsdp needs an even --nproc")
     import torch
 
-    gpus = torch.cuda.is_available() and torch.cuda.device_count() >= a.nproc
+    gpus = a.parallel == "ddp" and torch.cuda.is_available() and torch.cuda.device_count() >= a.nproc
     where = (f"{a.nproc} x {torch.cuda.get_device_name(0)}, NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}"
              if gpus else f"CPU, Gloo, {os.cpu_count()} cores")
     work = Path(tempfile.mkdtemp(prefix="mnemo-steptime-"))
-    print(f"step-time benchmark: GPT '{a.model}', {a.nproc} ranks, {a.steps} steps (warm-up {a.warmup}), "
+    what = (f"GPT '{a.model}'" if a.parallel == "ddp" else
+            f"{a.parallel.upper()} MLP {a.fsdp_layers} x {a.fsdp_dim}, batch {a.fsdp_batch} (ddp row: plain FSDP2)")
+    print(f"step-time benchmark: {what}, {a.nproc} ranks, {a.steps} steps (warm-up {a.warmup}), "
           f"{a.rounds} round(s); torch {torch.__version__}, {where}; work dir {work}", flush=True)
     pooled: dict[str, dict] = {m: {"steps_s": [], "peak_bytes": 0} for m in modes}
     order = [m for m in ("ddp", "mnemosyne", "plain") if m in modes]

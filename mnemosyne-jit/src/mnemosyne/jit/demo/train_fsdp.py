@@ -35,6 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="")
+    p.add_argument("--baseline-events", default="", metavar="FILE",
+                   help="run as plain FSDP2 under torchrun (init_device_mesh, no Mnemosyne), writing step "
+                        "events to FILE (tools/bench/steptime.py --parallel)")
     return p.parse_args(argv)
 
 
@@ -73,9 +76,45 @@ class Batches:
         return torch.randn(self.batch, self.dim, generator=g), torch.randn(self.batch, 3, generator=g)
 
 
+def baseline(args: argparse.Namespace) -> None:
+    """The same training as plain FSDP2 under torchrun: the step-time baseline."""
+    import time
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from mnemosyne.core.events import EventKind, EventLog
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo")
+    shape = (world // 2, 2) if args.parallel == "hsdp" else (world,)
+    names = ("replicate", "shard") if args.parallel == "hsdp" else ("shard",)
+    mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
+    torch.manual_seed(args.seed)
+    model = build(args.dim, args.layers)
+    shard(model, mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 4))
+    log = EventLog(args.baseline_events, "baseline", rank, 0)
+    data = Batches(rank, args.dim, args.batch, args.seed)
+    for k in range(args.steps):
+        t0 = time.perf_counter()
+        x, y = data[k]
+        torch.nn.functional.mse_loss(model(x), y).backward()  # type: ignore[no-untyped-call]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        log.emit(EventKind.STEP, "step", time.perf_counter() - t0, step=k)
+    log.close()
+    dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Train; write this rank's final local state when ``--out`` is given."""
     args = parse_args(argv)
+    if args.baseline_events:
+        baseline(args)
+        return
     rank, world = int(os.environ.get(MNEMOSYNE_RANK, "0")), int(os.environ.get(MNEMOSYNE_WORLD_SIZE, "1"))
     out = Path(args.out) if args.out else None
     if out is not None:
