@@ -118,6 +118,7 @@ class Job:
         timeout: Bound, in seconds, of every wait during recovery.
         snapshot_every: Snapshot the state in memory every N committed steps, for when every
             rank loses it (:mod:`mnemosyne.jit._snapjob`); None: ``mnemo launch --snapshot-every``.
+        mesh: An FSDP2 model's mesh from :func:`mnemosyne.jit.device_mesh` (see :mod:`mnemosyne.jit._mesh`).
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, scheduler: Any = None,
