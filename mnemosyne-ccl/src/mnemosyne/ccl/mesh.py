@@ -34,7 +34,7 @@ from mnemosyne.ccl.pg import FlexProcessGroup
 from mnemosyne.core.errors import CommAborted, ConfigError
 from mnemosyne.core.store import Store
 
-__all__ = ["FlexMesh", "mesh_groups"]
+__all__ = ["FlexMesh", "mesh_groups", "reset_fsdp"]
 
 logger = logging.getLogger(__name__)
 
@@ -256,6 +256,24 @@ class _Unbuilt:
 
     def close(self) -> None:
         """Nothing to close."""
+
+
+def reset_fsdp(model: torch.nn.Module) -> None:
+    """Reset FSDP2's per-iteration state after a step that a failure cut off (torch 2.13).
+
+    FSDP2's own ``reset_iter_state`` (on the root) waits for in-flight all-gathers; those
+    of the aborted step belong to a communicator that failed, so they are dropped first.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            group = m._get_fsdp_state()._fsdp_param_group
+            if group is not None:
+                group._all_gather_result = None
+                group.comm_ctx.all_gather_state = None
+    if isinstance(model, FSDPModule):
+        model.reset_iter_state()  # type: ignore[operator]
 
 
 def _ensure_default_group(rank: int, world: int) -> None:

@@ -377,14 +377,7 @@ class JobMesh:
     @staticmethod
     def discard(model: torch.nn.Module) -> None:
         """Reset FSDP2's per-iteration state after an aborted step (its in-flight all-gathers are dead)."""
-        from torch.distributed.fsdp import FSDPModule
+        from mnemosyne.ccl.mesh import reset_fsdp
 
-        for m in model.modules():
-            if isinstance(m, FSDPModule):
-                group = m._get_fsdp_state()._fsdp_param_group
-                if group is not None:
-                    group._all_gather_result = None
-                    group.comm_ctx.all_gather_state = None
-        if isinstance(model, FSDPModule):
-            model.reset_iter_state()  # type: ignore[operator]
+        reset_fsdp(model)
 

@@ -140,23 +140,6 @@ def _send_shards(fm: Any, model: torch.nn.Module, opt: torch.optim.Optimizer, de
                 dist.broadcast(_local(v), group_src=src, group=pg)
 
 
-def _reset_fsdp(model: torch.nn.Module) -> None:
-    """FSDP2's own recovery reset (torch 2.13 ``reset_iter_state`` on the root), minus dead works.
-
-    ``reset_iter_state`` waits on in-flight all-gathers; those of the aborted step belong
-    to the old communicator and fail, so they are dropped first.
-    """
-    from torch.distributed.fsdp import FSDPModule
-
-    for m in model.modules():
-        if isinstance(m, FSDPModule):
-            group = m._get_fsdp_state()._fsdp_param_group
-            if group is not None:
-                group._all_gather_result = None
-                group.comm_ctx.all_gather_state = None
-    model.reset_iter_state()  # type: ignore[operator]
-
-
 def _empty_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
     for p in model.parameters():
         opt.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
@@ -171,7 +154,7 @@ def _park(store: Store, rank: int) -> None:
 def flex(cfg: dict[str, Any], store: Store) -> None:
     """See the module docstring."""
     from mnemosyne.ccl.gloo import GlooBackend
-    from mnemosyne.ccl.mesh import FlexMesh
+    from mnemosyne.ccl.mesh import FlexMesh, reset_fsdp
 
     rank, total = int(cfg["rank"]), int(cfg["total"])
     victim, k, phase = cfg.get("victim"), int(cfg.get("k", 0)), cfg.get("phase", "forward")
@@ -207,7 +190,7 @@ def flex(cfg: dict[str, Any], store: Store) -> None:
             _put(store, f"test/fault/{rank}", {"step": step, "error": type(exc).__name__, "msg": str(exc)[:300]})
             dead = {int(store.get("test/dead", TIMEOUT))}
             opt.zero_grad(set_to_none=True)
-            _reset_fsdp(model)
+            reset_fsdp(model)
             repaired = fm.repair(dead, epoch=1)
             _put(store, f"test/repair/{rank}", repaired)
             try:

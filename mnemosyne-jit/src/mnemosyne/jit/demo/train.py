@@ -165,12 +165,17 @@ def main(argv: list[str] | None = None) -> None:
 
         job.log.emit(EventKind.INFO, "memory", peak_bytes=peak_memory(device), device=str(device))
     if out is not None:
-        final = {"model": model.state_dict(), "optim": opt.state_dict(), "sched": sched.state_dict(),
-                 "pid": os.getpid(), "committed": job.committed, "recoveries": job.recoveries}
-        tmp = out / f"final-rank{rank}.pt.tmp"
-        torch.save(final, tmp)
-        tmp.rename(out / f"final-rank{rank}.pt")
+        save_final(out, rank, job, model.state_dict(), opt.state_dict(), sched.state_dict())
     job.close()
+
+
+def save_final(out: Path, rank: int, job: Any, model: Any, optim: Any, sched: Any) -> None:
+    """Write ``out/final-rank<rank>.pt`` atomically: the states given, plus pid, committed step, recoveries."""
+    final = {"model": model, "optim": optim, "sched": sched, "pid": os.getpid(), "committed": job.committed,
+             "recoveries": job.recoveries}
+    tmp = out / f"final-rank{rank}.pt.tmp"
+    torch.save(final, tmp)
+    tmp.rename(out / f"final-rank{rank}.pt")
 
 
 if __name__ == "__main__":

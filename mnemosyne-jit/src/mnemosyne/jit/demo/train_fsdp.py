@@ -140,12 +140,10 @@ def main(argv: list[str] | None = None) -> None:
             sched.step()
             opt.zero_grad(set_to_none=True)
     if out is not None:
-        local = job._state()
-        final = {"model": local["params"], "optim": local["optim"], "sched": sched.state_dict(),
-                 "pid": os.getpid(), "committed": job.committed, "recoveries": job.recoveries}
-        tmp = out / f"final-rank{rank}.pt.tmp"
-        torch.save(final, tmp)
-        tmp.rename(out / f"final-rank{rank}.pt")
+        from mnemosyne.jit.demo.train import save_final
+
+        local = job._state()  # this rank's shards (what differs across a shard group)
+        save_final(out, rank, job, local["params"], local["optim"], sched.state_dict())
     job.close()
 
 
