@@ -18,6 +18,7 @@ import torch
 from mnemosyne.core.errors import CorruptStateError, StateError
 from mnemosyne.jit import _snapchild, _snapstore
 from mnemosyne.jit._replicate import (
+    ReplicaServer,
     ReplicationError,
     Replicator,
     curve_keys,
@@ -232,6 +233,48 @@ def test_flipped_byte_refused_and_previous_replica_kept(shm, agent):
     assert kept.step == 5 and kept.data == good.data
     with pytest.raises(ReplicationError, match="holder name"):
         push_generation(endpoint, "job-token", "../escape", good)
+
+
+def _gen(step, data, meta=b'{"a":1}'):
+    return _snapstore.Generation(0, step, meta, bytearray(data), _snapstore.digest(meta, data), None)
+
+
+def test_stale_or_replayed_put_refused_and_newer_generation_kept(shm):
+    """A put older than the newest generation held (both slots full) is refused and leaves both slots as they were."""
+    srv = ReplicaServer(f"{shm}/peer", "job-token")
+    srv.start()
+    try:
+        held, ep = f"{shm}/peer/n1/r3", srv.endpoint
+        g20, g40 = _gen(20, os.urandom(1 << 16)), _gen(40, os.urandom(1 << 16))
+        assert push_generation(ep, "job-token", "n1/r3", g20) and push_generation(ep, "job-token", "n1/r3", g40)
+
+        def slots():
+            return [(g.seq, g.step, g.digest, g.path, bytes(g.data)) for g in _snapstore.generations(held)]
+
+        before = slots()
+        assert [s[1] for s in before] == [40, 20]
+        for stale in (_gen(30, os.urandom(1 << 16)), g20):  # an older step, and a replay of one
+            want = rf"refused n1/r3 \(step {stale.step}\): refused: holder n1/r3 already holds step 40; " \
+                   rf"offered step {stale.step} is not newer"
+            with pytest.raises(ReplicationError, match=want):
+                push_generation(ep, "job-token", "n1/r3", stale)
+        with pytest.raises(ReplicationError, match=r"already holds step 40 with digest .*; offered step 40 has digest"):
+            push_generation(ep, "job-token", "n1/r3", _gen(40, os.urandom(1 << 16)))
+        assert slots() == before
+        top = _snapstore.latest(held)
+        assert (top.step, top.data) == (40, g40.data)
+        assert [(e[0], e[2], (e[3] or "")[:21]) for e in srv.log] == [("put", 20, ""), ("put", 40, "")] + \
+            [("put", None, "refused: holder n1/r3")] * 3
+        assert [e[1] for e in srv.log] == ["n1/r3"] * 5
+        # The same generation again (a retried push): success, nothing written.
+        assert push_generation(ep, "job-token", "n1/r3", g40) is False
+        assert slots() == before and srv.log[-1] == ("put", "n1/r3", 40, None)
+        g50 = _gen(50, os.urandom(1 << 16))
+        assert push_generation(ep, "job-token", "n1/r3", g50) is True
+        assert [(s[1], s[4]) for s in slots()] == [(50, bytes(g50.data)), (40, bytes(g40.data))]
+        assert fetch_generation(ep, "job-token", "n1/r3").data == g50.data
+    finally:
+        srv.close()
 
 
 def test_wrong_curve_key_refused(shm, agent):

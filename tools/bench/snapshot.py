@@ -25,6 +25,7 @@ Writes JSON to $OUT/snapshot.json (or .bench/snapshot.json). Last line:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -128,14 +129,15 @@ def _peer(shm: str) -> dict[str, float]:
         gen = _snapstore.latest(f"{shm}/rank0")
         nbytes = len(gen.data) + len(gen.meta)
         push, fetch = [], []
-        for _ in range(4):  # the first two pushes fill the peer's two fresh slots (first-touch page faults)
+        for i in range(4):  # the first two pushes fill the peer's two fresh slots (first-touch page faults)
             t = time.perf_counter()
-            push_generation(endpoint, "bench", "node0/rank0", gen, timeout=120)
+            # A later step each time: the peer takes only newer generations (the same one again writes nothing).
+            push_generation(endpoint, "bench", "node0/rank0", dataclasses.replace(gen, step=gen.step + i), timeout=120)
             push.append(time.perf_counter() - t)
             t = time.perf_counter()
             back = fetch_generation(endpoint, "bench", "node0/rank0", timeout=120)
             fetch.append(time.perf_counter() - t)
-            assert back.data == gen.data
+            assert back.step == gen.step + i and back.data == gen.data
         push_s, fetch_s = statistics.median(push[2:]), statistics.median(fetch[2:])
     finally:
         proc.kill()

@@ -16,6 +16,13 @@ Integrity: a message is three frames: a JSON header (holder name, step, sizes, b
 digest), the generation's metadata and its raw bytes, sent zero-copy. The receiver
 recomputes the digest before storing anything and refuses a mismatch; the fetching side
 does the same. Nothing received is ever unpickled.
+
+Order: a holder's replica only moves forward. The server refuses a put whose step is older
+than the newest verified generation it holds for that holder (a stale or replayed push
+would otherwise overwrite the other slot and become the newest, so a recovery could restore
+an older state than the job agreed); both slots stay as they were. A put of the step it
+already holds with the same digest is an idempotent success that writes nothing (a push
+retried after a lost acknowledgement); the same step with another digest is refused.
 """
 
 from __future__ import annotations
@@ -150,16 +157,44 @@ class ReplicaServer:
                     or frames[2].buffer.nbytes != head.get("data_len"):
                 msg = f"replication: put of {holder}: frame sizes do not match the header"
                 raise ReplicationError(msg)
-            expect = bytes.fromhex(str(head.get("digest")))
-            _snapstore.write_generation(self.root / holder, int(head["step"]), frames[1].bytes,
-                                        frames[2].buffer, expect=expect)
-            self._sock.send(json.dumps({"ok": True}).encode())
-            self.log.append(("put", holder, int(head["step"]), None))
+            step, expect = int(head["step"]), bytes.fromhex(str(head.get("digest")))
+            stored = self._is_newer(holder, step, expect)
+            if stored:
+                _snapstore.write_generation(self.root / holder, step, frames[1].bytes, frames[2].buffer,
+                                            expect=expect)
+            self._sock.send(json.dumps({"ok": True, "stored": stored}).encode())
+            self.log.append(("put", holder, step, None))
         except (ReplicationError, StateError, ValueError, KeyError, TypeError) as e:
             self._sock.send(json.dumps({"ok": False, "error": str(e)}).encode())
             self.log.append((str(head.get("op", "put")) if isinstance(head, dict) else "?",
                              str(head.get("holder")) if isinstance(head, dict) else "?", None, str(e)))
         return True
+
+    def _is_newer(self, holder: str, step: int, expect: bytes) -> bool:
+        """Whether a put of ``holder`` at ``step`` is to be stored (False: that very generation is held).
+
+        Raises:
+            ReplicationError: the newest verified generation held is at a later step, or at the
+                same step with another digest.
+        """
+        base = self.root / holder
+        top = _snapstore.newest_step(base)
+        if top is None or step > top:  # the common case: decided from the headers, no payload read
+            return True
+        try:
+            held = _snapstore.latest(base)
+        except StateError:  # no slot passes its digest: nothing good to keep
+            return True
+        if step > held.step:
+            return True
+        if step == held.step and held.digest == expect:  # held and verified already: the frames are not needed
+            return False
+        if step == held.step:
+            msg = (f"refused: holder {holder} already holds step {step} with digest {held.digest.hex()[:16]}...; "
+                   f"offered step {step} has digest {expect.hex()[:16]}...")
+        else:
+            msg = f"refused: holder {holder} already holds step {held.step}; offered step {step} is not newer"
+        raise ReplicationError(msg)
 
     def start(self) -> None:
         """Serve in a background thread until :meth:`close`."""
@@ -203,12 +238,17 @@ def _request(endpoint: str, token: str, frames: Sequence[Any], timeout: float) -
 
 
 def push_generation(endpoint: str, token: str, holder: str, gen: _snapstore.Generation,
-                    timeout: float = 10.0) -> None:
+                    timeout: float = 10.0) -> bool:
     """Send ``gen`` to the peer at ``endpoint`` as its holder ``holder``; returns once stored.
+
+    Returns:
+        True when the peer stored it, False when it already held this generation (same step
+        and digest; nothing written).
 
     Raises:
         ReplicationError: no answer in ``timeout`` (peer down, or a wrong key), or the peer
-            refused (its reason, e.g. a digest mismatch, is in the message).
+            refused (its reason is in the message: a digest mismatch, or a step that is not
+            newer than the one it holds for ``holder``).
     """
     _check_holder(holder)
     reply = _request(endpoint, token, [_header(holder, gen), gen.meta, memoryview(gen.data)], timeout)
@@ -217,6 +257,7 @@ def push_generation(endpoint: str, token: str, holder: str, gen: _snapstore.Gene
         err = ans.get("error") if isinstance(ans, dict) else ans
         msg = f"replication peer {endpoint} refused {holder} (step {gen.step}): {err}"
         raise ReplicationError(msg)
+    return ans.get("stored", True) is not False
 
 
 def fetch_generation(endpoint: str, token: str, holder: str, timeout: float = 10.0) -> _snapstore.Generation:

@@ -38,6 +38,7 @@ __all__ = [
     "generations",
     "holder_bytes",
     "latest",
+    "newest_step",
     "remove_holder",
     "write_generation",
 ]
@@ -168,6 +169,15 @@ def _scan(base: Path, verify: bool) -> tuple[Generation | None, list[str]]:
             continue
         return Generation(seq, step, meta, data, dig, path), bad
     return None, bad
+
+
+def newest_step(base: str | os.PathLike[str]) -> int | None:
+    """Highest step among the complete slots of holder ``base``, from their headers only, or None.
+
+    Payloads are not read or verified (cheap); :func:`latest` says which one is usable.
+    """
+    steps = [h[2] for p in _slot_paths(Path(base)) if (h := _read_head(p)) is not None and h[0] == _COMPLETE]
+    return max(steps, default=None)
 
 
 def generations(base: str | os.PathLike[str]) -> list[Generation]:
