@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import threading
 from collections.abc import Iterator, Sequence
@@ -68,6 +69,8 @@ from mnemosyne.jit._select import comm_backend
 from mnemosyne.jit._store import connect_job_store
 
 __all__ = ["JobMesh", "device_mesh", "job_mesh"]
+
+logger = logging.getLogger(__name__)
 
 #: DeviceMesh id -> its JobMesh (a DeviceMesh takes no attributes of ours).
 _MESHES: dict[int, JobMesh] = {}
@@ -109,7 +112,7 @@ def device_mesh(shape: Sequence[int], dim_names: Sequence[str] | None = None, *,
         msg = f"device_mesh shape {list(dims)}: give dim_names (one name per dimension)"
         raise ConfigError(msg)
     dtype = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
-    ccl, backend = comm_backend(dtype, _logger())
+    ccl, backend = comm_backend(dtype, logger)
     if not ccl:
         msg = "mnemosyne.jit.device_mesh needs mnemosyne-ccl (pip install 'mnemosyne-jit[ccl]'): its groups repair"
         raise ConfigError(msg)
@@ -169,12 +172,6 @@ def _abort_on(rv: Rendezvous, tags: list[str]) -> Iterator[None]:
     finally:
         done.set()
         t.join()
-
-
-def _logger() -> Any:
-    import logging
-
-    return logging.getLogger("mnemosyne.jit.mesh")
 
 
 def _local(t: Any) -> torch.Tensor:
@@ -306,8 +303,6 @@ class JobMesh:
             for r in plan.receivers:
                 self._check_held(plan, r, dim)
         group = fm.ranks(dim) if dim else (fm.rank,)
-        if plan.top == -1 and dim is None:
-            return None, Agreement(-1, [fm.rank], []), "none"
         if plan.top == -1:  # the very first rendezvous: each shard's lowest replica donates
             donors, receivers = [min(group)], sorted(set(group) - {min(group)})
         else:
