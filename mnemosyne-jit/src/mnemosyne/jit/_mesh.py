@@ -109,7 +109,8 @@ def device_mesh(shape: Sequence[int], dim_names: Sequence[str] | None = None, *,
         raise ConfigError(msg)
     names = tuple(dim_names) if dim_names is not None else _DEFAULT_NAMES.get(len(dims), ())
     if len(names) != len(dims):
-        msg = f"device_mesh shape {list(dims)}: give dim_names (one name per dimension)"
+        msg = (f"device_mesh shape {list(dims)}: expected {len(dims)} dim_names (one per dimension), got "
+               f"{list(names) if dim_names is not None else 'none (defaults exist for 1-D and 2-D only)'}")
         raise ConfigError(msg)
     dtype = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
     ccl, backend = comm_backend(dtype, logger)
