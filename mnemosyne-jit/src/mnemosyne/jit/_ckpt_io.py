@@ -98,10 +98,10 @@ def published(store: Store, rank: int, writers: Sequence[int], what: str) -> Ite
     """
     try:
         yield
-    except MultiRankError:
-        raise  # another writer's failure, already published
-    except Exception as exc:
-        publish_failure(store, rank, exc)
+    except (MultiRankError, KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise  # another writer's failure, already published; or not a failure of the work
+    except BaseException as exc:  # also DCP's CheckpointException, a BaseException (e.g. its files removed
+        publish_failure(store, rank, exc)  # by a writer that gave up on a dead one: its cause is named too)
         found = {**causes(store, writers), rank: f"{type(exc).__name__}: {exc}"}
         msg = f"{what}: not committed"
         raise MultiRankError(msg, found) from exc
